@@ -1,0 +1,36 @@
+// msfast._C: importing it registers the operators (the TORCH_LIBRARY blocks of the other
+// translation units run at load time). The Python module itself only answers what was built.
+#include <torch/extension.h>
+
+#ifndef MSFAST_TORCH_VERSION
+#define MSFAST_TORCH_VERSION "unknown"
+#endif
+#ifndef MSFAST_CUDA_ARCHS
+#define MSFAST_CUDA_ARCHS ""
+#endif
+
+namespace msfast {
+// Defined by csrc/cuda/*.cu when the CUDA kernels were compiled in.
+bool cuda_kernels_built();
+}  // namespace msfast
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "msfast compiled kernels";
+  m.def("cuda_built", &msfast::cuda_kernels_built, "True when the CUDA kernels were compiled in");
+  m.def("build_info", []() {
+    pybind11::dict d;
+    d["torch_version"] = MSFAST_TORCH_VERSION;
+#ifdef MSFAST_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    d["cuda_archs"] = MSFAST_CUDA_ARCHS;
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    return d;
+  });
+}

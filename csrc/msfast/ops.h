@@ -1,0 +1,104 @@
+// The device-independent half of every operator: argument checks, output allocation and a
+// list of jobs that says what each output is made of. A backend (CPU or CUDA) only has to
+// run jobs; it never sees the operator that asked for them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "msfast/plan.h"
+
+namespace msfast {
+
+// dst += resize(src) along two axes; `adjoint` runs the transpose of the resize (a gradient).
+struct Term {
+  at::Tensor src;
+  Axis h, w;
+  bool adjoint = false;
+};
+
+// dst = (sum of its terms, in order) * scale[c] + shift[c]. Every term of a job and its dst
+// share one layout (`channels_last`), so planes and pixels line up.
+struct Job {
+  at::Tensor dst;
+  std::vector<Term> terms;
+  bool channels_last = false;
+  std::vector<double> scale, shift;  // per channel of dst; empty when there is no affine
+};
+
+using Runner = void (*)(const std::vector<Job>& jobs);
+
+std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
+                                     at::ArrayRef<double> scales, const std::string& mode,
+                                     bool antialias, bool align_corners,
+                                     std::optional<at::ArrayRef<double>> mean,
+                                     std::optional<at::ArrayRef<double>> std,
+                                     std::optional<at::ScalarType> out_dtype, Runner run);
+
+at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& grads,
+                                 at::IntArrayRef input_shape,
+                                 at::ArrayRef<double> scales, const std::string& mode,
+                                 bool antialias, bool align_corners,
+                                 std::optional<at::ArrayRef<double>> std, at::ScalarType dtype,
+                                 bool channels_last, Runner run);
+
+at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::IntArrayRef size,
+                                const std::string& mode, bool align_corners,
+                                std::optional<at::Tensor> out, Runner run);
+
+std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad,
+                                                      at::IntArrayRef feature_shapes,
+                                                      const std::string& mode, bool align_corners,
+                                                      bool channels_last, Runner run);
+
+}  // namespace msfast
+
+#include <torch/library.h>
+
+namespace msfast {
+
+// The kernels a backend registers: the operator bodies above bound to its Runner. Both
+// backends register through this one template, so their signatures cannot differ.
+template <Runner run>
+struct Kernels {
+  static std::vector<at::Tensor> pyramid(const at::Tensor& x, at::IntArrayRef sizes, at::ArrayRef<double> scales,
+                                         std::string mode, bool antialias, bool align_corners,
+                                         std::optional<at::ArrayRef<double>> mean,
+                                         std::optional<at::ArrayRef<double>> std,
+                                         std::optional<at::ScalarType> out_dtype) {
+    return pyramid_impl(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype, run);
+  }
+  static at::Tensor pyramid_backward(const c10::List<std::optional<at::Tensor>>& grads, at::IntArrayRef input_shape,
+                                     at::ArrayRef<double> scales, std::string mode, bool antialias,
+                                     bool align_corners, std::optional<at::ArrayRef<double>> std,
+                                     at::ScalarType dtype, bool channels_last) {
+    std::vector<std::optional<at::Tensor>> g(grads.begin(), grads.end());
+    return pyramid_backward_impl(g, input_shape, scales, mode, antialias, align_corners, std, dtype,
+                                 channels_last, run);
+  }
+  static at::Tensor upsample_concat(const std::vector<at::Tensor>& features, at::IntArrayRef size, std::string mode,
+                                    bool align_corners) {
+    return upsample_concat_impl(features, size, mode, align_corners, std::nullopt, run);
+  }
+  static at::Tensor& upsample_concat_out(const std::vector<at::Tensor>& features, at::IntArrayRef size,
+                                         std::string mode, bool align_corners, at::Tensor& out) {
+    upsample_concat_impl(features, size, mode, align_corners, out, run);
+    return out;
+  }
+  static std::vector<at::Tensor> upsample_concat_backward(const at::Tensor& grad, at::IntArrayRef feature_shapes,
+                                                          std::string mode, bool align_corners, bool channels_last) {
+    return upsample_concat_backward_impl(grad, feature_shapes, mode, align_corners, channels_last, run);
+  }
+  static void register_all(torch::Library& m) {
+    m.impl("pyramid", &pyramid);
+    m.impl("pyramid_backward", &pyramid_backward);
+    m.impl("upsample_concat", &upsample_concat);
+    m.impl("upsample_concat.out", &upsample_concat_out);
+    m.impl("upsample_concat_backward", &upsample_concat_backward);
+  }
+};
+
+}  // namespace msfast

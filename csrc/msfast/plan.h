@@ -1,0 +1,160 @@
+// Host-side planning shared by the CPU and CUDA kernels: argument checks, the per-axis tap
+// tables built once per call from index_math.h, and the description of how a 4-D tensor
+// (NCHW or channels_last, possibly a channel slice of a larger tensor) is walked.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "msfast/index_math.h"
+
+namespace msfast {
+
+inline int mode_from_string(const std::string& m) {
+  if (m == "nearest") return kNearest;
+  if (m == "nearest-exact") return kNearestExact;
+  if (m == "bilinear") return kBilinear;
+  if (m == "bicubic") return kBicubic;
+  if (m == "area") return kArea;
+  TORCH_CHECK_VALUE(false, "msfast: mode must be one of 'nearest', 'nearest-exact', 'bilinear', "
+                    "'bicubic', 'area', got '", m, "'");
+}
+
+// Taps of one axis, padded to the same count K for every output index so that inner loops
+// run a fixed trip count: output o reads inputs start[o] .. start[o] + K - 1 with weights
+// w[o * K ..]. Padding shifts the window left at the far border and adds zero weights, so
+// start[o] + K <= in always holds and nothing is read out of bounds.
+template <typename T>
+struct Table {
+  int64_t in = 0, out = 0, K = 0;
+  std::vector<int64_t> start;
+  std::vector<T> w;
+  bool identity() const { return in == out && K == 1; }
+};
+
+template <typename T>
+Table<T> forward_table(const Axis& a) {
+  Table<T> t;
+  t.in = a.in;
+  t.out = a.out;
+  const int64_t cap = max_taps<T>(a);
+  std::vector<int64_t> first(a.out), count(a.out);
+  std::vector<T> raw(a.out * cap);
+  int64_t K = 1;
+  for (int64_t o = 0; o < a.out; ++o) {
+    count[o] = axis_taps<T>(a, o, &first[o], raw.data() + o * cap);
+    K = std::max(K, count[o]);
+  }
+  t.K = K;
+  t.start.resize(a.out);
+  t.w.assign(a.out * K, T(0));
+  for (int64_t o = 0; o < a.out; ++o) {
+    const int64_t s = std::min(first[o], a.in - K);
+    const int64_t shift = first[o] - s;
+    t.start[o] = s;
+    for (int64_t k = 0; k < count[o]; ++k) t.w[o * K + shift + k] = raw[o * cap + k];
+  }
+  return t;
+}
+
+// The transpose of a table: for every input index, the outputs that read it and with which
+// weight. The backward is then the same gather as the forward, run with this table: each
+// gradient element is written once by one thread, with no atomics, in a fixed order.
+template <typename T>
+Table<T> adjoint_table(const Table<T>& f) {
+  Table<T> t;
+  t.in = f.out;
+  t.out = f.in;
+  std::vector<int64_t> lo(f.in, INT64_MAX), hi(f.in, -1);
+  for (int64_t o = 0; o < f.out; ++o) {
+    for (int64_t k = 0; k < f.K; ++k) {
+      if (f.w[o * f.K + k] == T(0)) continue;  // padding and exact zeros add nothing
+      const int64_t i = f.start[o] + k;
+      lo[i] = std::min(lo[i], o);
+      hi[i] = std::max(hi[i], o);
+    }
+  }
+  int64_t K = 1;
+  for (int64_t i = 0; i < f.in; ++i) {
+    if (hi[i] < 0) lo[i] = hi[i] = 0;  // input never read: zero gradient
+    K = std::max(K, hi[i] - lo[i] + 1);
+  }
+  t.K = K;
+  t.start.resize(f.in);
+  t.w.assign(f.in * K, T(0));
+  for (int64_t i = 0; i < f.in; ++i) t.start[i] = std::min(lo[i], f.out - K);
+  for (int64_t o = 0; o < f.out; ++o) {
+    for (int64_t k = 0; k < f.K; ++k) {
+      const T v = f.w[o * f.K + k];
+      if (v == T(0)) continue;
+      const int64_t i = f.start[o] + k;
+      t.w[i * K + (o - t.start[i])] += v;
+    }
+  }
+  return t;
+}
+
+// How a kernel walks a 4-D tensor [N, C, H, W]: as `planes` independent images of H rows
+// of W pixels, each pixel `cp` contiguous values, `px` elements apart. NCHW: one plane per
+// (n, c), cp = 1. channels_last: one plane per n, cp = C (a channel slice of a larger
+// channels_last tensor has px > cp). Plane p starts at (p / pdiv) * s_outer + (p % pdiv) * s_inner.
+struct View {
+  void* data = nullptr;
+  int64_t planes = 0, pdiv = 1, s_outer = 0, s_inner = 0;
+  int64_t H = 0, W = 0, row = 0, px = 0, cp = 0;
+  int64_t channels = 0;  // C of the tensor: the channel of an element is needed for mean/std
+  bool cl = false;
+  int64_t plane_offset(int64_t p) const { return (p / pdiv) * s_outer + (p % pdiv) * s_inner; }
+};
+
+inline View make_view(const at::Tensor& t, bool channels_last) {
+  View v;
+  v.data = t.data_ptr();
+  v.H = t.size(2);
+  v.W = t.size(3);
+  v.row = t.stride(2);
+  v.channels = t.size(1);
+  v.cl = channels_last;
+  if (channels_last) {
+    TORCH_CHECK(t.stride(1) == 1 || t.size(1) == 1, "msfast: internal: channels_last view needs unit channel stride");
+    v.planes = t.size(0);
+    v.pdiv = 1;
+    v.s_outer = t.stride(0);
+    v.px = t.stride(3);
+    v.cp = t.size(1);
+  } else {
+    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "msfast: internal: NCHW view needs unit width stride");
+    v.planes = t.size(0) * t.size(1);
+    v.pdiv = t.size(1);
+    v.s_outer = t.stride(0);
+    v.s_inner = t.stride(1);
+    v.px = 1;
+    v.cp = 1;
+  }
+  return v;
+}
+
+// The layout rule of every operator (msfast/_args.py:is_channels_last is the same): a call
+// runs channels_last when its tensor is dense in that order and not also plain contiguous.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The operators read NCHW and channels_last strides natively. Anything else (a sliced or
+// expanded tensor) is made dense once here, explicitly, in the layout the call runs in.
+inline at::Tensor dense_in(const at::Tensor& t, bool channels_last) {
+  return t.is_contiguous(format_of(channels_last)) ? t : t.contiguous(format_of(channels_last));
+}
+
+inline void check_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 4, "msfast: ", name, " must be a 4-D [N, C, H, W] tensor, got ",
+                    t.dim(), "-D with shape ", t.sizes());
+}
+
+}  // namespace msfast

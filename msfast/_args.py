@@ -1,0 +1,194 @@
+"""Argument checking shared by the compiled operators and the reference path.
+
+Both paths accept and reject exactly the same calls, with exceptions that name the
+offending argument. Type problems raise TypeError, bad values ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Optional, Sequence
+
+import torch
+
+MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+CONCAT_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
+INTERPOLATING = ("bilinear", "bicubic")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PYRAMID_DTYPES = (torch.uint8, *FLOAT_DTYPES)
+
+
+@dataclass(frozen=True)
+class PyramidArgs:
+    sizes: list  # [(h, w)] per level, ints or SymInts
+    scales: Optional[list]  # per level, or None when given by size
+    mode: str
+    antialias: bool
+    align_corners: bool
+    mean: Optional[list]
+    std: Optional[list]
+    out_dtype: torch.dtype
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """The layout rule of every msfast operator (C++ uses the same): channels_last when the
+    tensor is dense in channels_last order and not also plain contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_tensor(t, name: str, dtypes) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"msfast: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"msfast: {name} must be a 4-D [N, C, H, W] tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"msfast: {name} must have dtype in ({names}), got {t.dtype}")
+    if t.shape[1] == 0 or t.shape[2] == 0 or t.shape[3] == 0:
+        raise ValueError(f"msfast: {name} must have non-empty C, H and W, got shape {tuple(t.shape)}")
+
+
+def _check_mode(mode, allowed) -> str:
+    if not isinstance(mode, str) or mode not in allowed:
+        raise ValueError(f"msfast: mode must be one of {', '.join(map(repr, allowed))}, got {mode!r}")
+    return mode
+
+
+def _align_corners(mode: str, align_corners) -> bool:
+    if align_corners is None:
+        return False
+    if mode not in INTERPOLATING:
+        raise ValueError(
+            f"msfast: align_corners can only be set with the interpolating modes 'bilinear' and 'bicubic', "
+            f"not with mode={mode!r} (as in F.interpolate)"
+        )
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"msfast: align_corners must be a bool or None, got {type(align_corners).__name__}")
+    return align_corners
+
+
+def _size_value(v, name: str):
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        raise TypeError(f"msfast: {name} must be an int, got {type(v).__name__}")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"msfast: {name} must be >= 1, got {v}")
+    return v
+
+
+def _pair(v, name: str):
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        return (_size_value(v, name), _size_value(v, name))
+    if isinstance(v, (tuple, list, torch.Size)) and len(v) == 2:
+        return (_size_value(v[0], f"{name}[0]"), _size_value(v[1], f"{name}[1]"))
+    raise TypeError(f"msfast: {name} must be an int or an (h, w) pair, got {v!r}")
+
+
+def _per_channel(v, name: str, channels: int):
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().reshape(-1).tolist()
+    if not isinstance(v, (list, tuple)) or not all(isinstance(e, Real) and not isinstance(e, bool) for e in v):
+        raise TypeError(f"msfast: {name} must be a sequence of numbers, got {v!r}")
+    if len(v) != channels:
+        raise ValueError(f"msfast: {name} must have one value per channel ({channels}), got {len(v)}")
+    v = [float(e) for e in v]
+    if not all(math.isfinite(e) for e in v):
+        raise ValueError(f"msfast: {name} must be finite, got {v}")
+    return v
+
+
+def pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype) -> PyramidArgs:
+    _check_tensor(x, "x", PYRAMID_DTYPES)
+    mode = _check_mode(mode, MODES)
+    if (scales is None) == (sizes is None):
+        raise ValueError("msfast: give exactly one of scales or sizes")
+    if antialias is None:
+        antialias = mode in INTERPOLATING
+    elif not isinstance(antialias, bool):
+        raise TypeError(f"msfast: antialias must be a bool or None, got {type(antialias).__name__}")
+    elif antialias and mode not in INTERPOLATING:
+        raise ValueError(
+            f"msfast: antialias=True is only supported with modes 'bilinear' and 'bicubic', not {mode!r} "
+            "(as in F.interpolate)"
+        )
+    align_corners = _align_corners(mode, align_corners)
+    H, W = x.shape[2], x.shape[3]
+    if scales is not None:
+        if isinstance(scales, Real) and not isinstance(scales, bool):
+            scales = [scales]
+        if not isinstance(scales, (list, tuple)) or len(scales) == 0:
+            raise TypeError(f"msfast: scales must be a non-empty sequence of numbers, got {scales!r}")
+        out_sizes = []
+        for k, s in enumerate(scales):
+            if isinstance(s, bool) or not isinstance(s, Real):
+                raise TypeError(f"msfast: scales[{k}] must be a number, got {type(s).__name__}")
+            s = float(s)
+            if not math.isfinite(s) or s <= 0:
+                raise ValueError(f"msfast: scales[{k}] must be positive and finite, got {s}")
+            # ATen's rule: int64(in * scale), i.e. floor for positive values.
+            h, w = torch.sym_int(H * s), torch.sym_int(W * s)
+            if (isinstance(h, int) and h < 1) or (isinstance(w, int) and w < 1):
+                raise ValueError(f"msfast: scales[{k}]={s} gives an empty level ({h}x{w}) for a {H}x{W} input")
+            out_sizes.append((h, w))
+        scales = [float(s) for s in scales]
+    else:
+        if isinstance(sizes, (int, torch.SymInt)) and not isinstance(sizes, bool):
+            sizes = [sizes]
+        if not isinstance(sizes, (list, tuple)) or len(sizes) == 0:
+            raise TypeError(f"msfast: sizes must be a non-empty sequence of (h, w) pairs, got {sizes!r}")
+        if len(sizes) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+            raise TypeError(
+                f"msfast: sizes={list(sizes)!r} is ambiguous: pass a list of (h, w) pairs, e.g. [{tuple(sizes)!r}]"
+            )
+        out_sizes = [_pair(s, f"sizes[{k}]") for k, s in enumerate(sizes)]
+    C = x.shape[1]
+    mean = _per_channel(mean, "mean", C)
+    std = _per_channel(std, "std", C)
+    if std is not None and any(s == 0 for s in std):
+        raise ValueError(f"msfast: std must not contain zeros, got {std}")
+    if out_dtype is None:
+        out_dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype
+    elif out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"msfast: out_dtype must be a floating dtype, got {out_dtype}")
+    return PyramidArgs(out_sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
+
+
+def concat_args(features, size, mode, align_corners, out):
+    if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
+        raise TypeError(f"msfast: features must be a list of tensors, got {type(features).__name__}")
+    if len(features) == 0:
+        raise ValueError("msfast: features must be a non-empty list of tensors")
+    for i, f in enumerate(features):
+        _check_tensor(f, f"features[{i}]", FLOAT_DTYPES)
+    f0 = features[0]
+    for i, f in enumerate(features[1:], 1):
+        if f.dtype != f0.dtype:
+            raise TypeError(f"msfast: features must share one dtype: features[0] is {f0.dtype}, features[{i}] is {f.dtype}")
+        if f.device != f0.device:
+            raise ValueError(
+                f"msfast: features must share one device: features[0] is on {f0.device}, features[{i}] on {f.device}"
+            )
+        if f.shape[0] != f0.shape[0]:
+            raise ValueError(
+                f"msfast: features must share the batch size N: features[0] has {f0.shape[0]}, "
+                f"features[{i}] has {f.shape[0]}"
+            )
+    mode = _check_mode(mode, CONCAT_MODES)
+    size = _pair(size, "size")
+    align_corners = _align_corners(mode, align_corners)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"msfast: out must be a torch.Tensor, got {type(out).__name__}")
+        want = (f0.shape[0], sum(f.shape[1] for f in features), size[0], size[1])
+        if tuple(out.shape) != want:
+            raise ValueError(f"msfast: out must have shape {list(want)}, got {list(out.shape)}")
+        if out.dtype != f0.dtype:
+            raise TypeError(f"msfast: out must have dtype {f0.dtype}, got {out.dtype}")
+        if out.device != f0.device:
+            raise ValueError(f"msfast: out must be on {f0.device}, got {out.device}")
+        if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError("msfast: out must be contiguous or channels_last contiguous")
+    return list(features), size, mode, align_corners

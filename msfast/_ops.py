@@ -1,0 +1,266 @@
+"""The public operators, their fake kernels and autograd formulas, and the fallback.
+
+The schemas live in csrc/ops.cpp; importing msfast._C registers them with the CPU (and
+CUDA) kernels. Here they get a fake kernel (shapes for torch.compile and meta tensors) and
+an autograd formula. Both operators are linear in their tensor inputs, so each backward is
+another msfast operator and the backward of a backward is the forward again.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+
+from . import reference
+from ._args import concat_args, is_channels_last, pyramid_args
+
+__all__ = ["pyramid", "upsample_concat", "fallback_reason", "kernels_available"]
+
+
+def _load():
+    if os.environ.get("MSFAST_FORCE_FALLBACK", "0") == "1":
+        return None, "MSFAST_FORCE_FALLBACK=1 is set"
+    try:
+        from . import _C
+
+        return _C, None
+    except Exception as e:  # ImportError, or OSError for a module built against another torch
+        return None, f"{type(e).__name__}: {e}"
+
+
+_C, _LOAD_ERROR = _load()
+if _C is None:
+    warnings.warn(
+        f"msfast: the compiled kernels could not be loaded ({_LOAD_ERROR}); every call uses the pure-PyTorch "
+        "reference path (msfast.reference), which is correct but slower. Rebuild with "
+        "`pip install --no-build-isolation -e .` against the installed torch.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def fallback_reason() -> Optional[str]:
+    """None when the compiled kernels are in use, otherwise why they are not."""
+    return _LOAD_ERROR
+
+
+def kernels_available(device_type: str) -> bool:
+    """Whether msfast has compiled kernels for this device type ("cpu", "cuda", "meta")."""
+    if _C is None:
+        return False
+    if device_type == "cuda":
+        return bool(_C.cuda_built())
+    return device_type in ("cpu", "meta")
+
+
+_warned_devices = set()
+
+
+def _use_kernels(device: torch.device) -> bool:
+    if kernels_available(device.type):
+        return True
+    if _C is not None and device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        warnings.warn(
+            f"msfast: no compiled kernels for device type '{device.type}' in this build; "
+            "using the pure-PyTorch reference path there",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _flat(pairs):
+    return [v for hw in pairs for v in hw]
+
+
+def _layout(channels_last: bool):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def pyramid(
+    x: torch.Tensor,
+    scales=None,
+    sizes=None,
+    *,
+    mode: str = "bilinear",
+    antialias: Optional[bool] = None,
+    align_corners: Optional[bool] = None,
+    mean=None,
+    std=None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> List[torch.Tensor]:
+    """Resize one batch to K levels in one fused kernel.
+
+    Level k equals ``F.interpolate(x_norm, scale_factor=scales[k] | size=sizes[k], mode=mode,
+    align_corners=align_corners, antialias=antialias)``, where ``x_norm`` is ``x`` converted to
+    ``out_dtype``, divided by 255 when ``x`` is uint8, then ``(x - mean[c]) / std[c]``.
+
+    Args:
+        x: ``[N, C, H, W]`` uint8, float16, bfloat16, float32 or float64; NCHW or channels_last
+            (a ``[N, H, W, C]`` image batch permuted to NCHW is read without a copy).
+        scales: positive scale factors, one per level (output size ``floor(H * s)``).
+        sizes: ``(h, w)`` pairs (or ints for square levels), one per level. Give exactly one
+            of ``scales`` and ``sizes``.
+        mode: ``"bilinear"``, ``"bicubic"``, ``"nearest"``, ``"nearest-exact"`` or ``"area"``.
+        antialias: default on for bilinear and bicubic, off otherwise.
+        align_corners: as in F.interpolate (only for bilinear and bicubic).
+        mean, std: per-channel normalization applied before resizing.
+        out_dtype: output dtype; default the input dtype, float32 for uint8 input.
+
+    Returns:
+        A list of K tensors in the memory format of ``x``. Differentiable in float ``x``.
+    """
+    a = pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype)
+    if not _use_kernels(x.device):
+        return reference.pyramid(x, scales, sizes, mode=mode, antialias=antialias, align_corners=align_corners,
+                                 mean=mean, std=std, out_dtype=out_dtype)
+    return torch.ops.msfast.pyramid(x, _flat(a.sizes), a.scales or [], a.mode, a.antialias, a.align_corners,
+                                    a.mean, a.std, a.out_dtype)
+
+
+def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: Optional[bool] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Resize every feature map to ``size`` and concatenate them along channels.
+
+    Equals ``torch.cat([F.interpolate(f, size=size, mode=mode, align_corners=align_corners)
+    for f in features], 1)``, but each map is written straight into its channel slice of one
+    output, with no intermediate tensors.
+
+    Args:
+        features: non-empty list of ``[N, C_i, H_i, W_i]`` float tensors with the same N,
+            dtype and device; each may be smaller or larger than ``size``.
+        size: ``(h, w)`` of the output (or an int for a square output).
+        mode: ``"bilinear"``, ``"bicubic"``, ``"nearest"`` or ``"nearest-exact"``.
+        align_corners: as in F.interpolate (only for bilinear and bicubic).
+        out: optional ``[N, sum C_i, h, w]`` tensor to write into (not differentiable).
+
+    Returns:
+        ``[N, sum C_i, h, w]``, channels_last when ``features[0]`` is. Differentiable in
+        every feature.
+    """
+    features, size, mode, align_corners = concat_args(features, size, mode, align_corners, out)
+    if not _use_kernels(features[0].device):
+        return reference.upsample_concat(features, size, mode=mode, align_corners=align_corners, out=out)
+    if out is None:
+        return torch.ops.msfast.upsample_concat(features, list(size), mode, align_corners)
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        raise RuntimeError(
+            "msfast.upsample_concat(out=...) does not support automatic differentiation: "
+            "call it without out= when the features require grad"
+        )
+    return torch.ops.msfast.upsample_concat.out(features, list(size), mode, align_corners, out=out)
+
+
+# --------------------------------------------------------------- fake kernels, autograd
+
+if _C is not None:
+
+    @torch.library.register_fake("msfast::pyramid")
+    def _pyramid_fake(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype):
+        dt = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
+        fmt = _layout(is_channels_last(x))
+        N, C = x.shape[0], x.shape[1]
+        return [
+            torch.empty((N, C, sizes[2 * k], sizes[2 * k + 1]), dtype=dt, device=x.device, memory_format=fmt)
+            for k in range(len(sizes) // 2)
+        ]
+
+    @torch.library.register_fake("msfast::pyramid_backward")
+    def _pyramid_backward_fake(grads, input_shape, scales, mode, antialias, align_corners, std, dtype,
+                               channels_last):
+        g = next(g for g in grads if g is not None)
+        return torch.empty(list(input_shape), dtype=dtype, device=g.device, memory_format=_layout(channels_last))
+
+    @torch.library.register_fake("msfast::upsample_concat")
+    def _concat_fake(features, size, mode, align_corners):
+        f0 = features[0]
+        C = sum(f.shape[1] for f in features)
+        return torch.empty((f0.shape[0], C, size[0], size[1]), dtype=f0.dtype, device=f0.device,
+                           memory_format=_layout(is_channels_last(f0)))
+
+    @torch.library.register_fake("msfast::upsample_concat.out")
+    def _concat_out_fake(features, size, mode, align_corners, *, out):
+        return out
+
+    @torch.library.register_fake("msfast::upsample_concat_backward")
+    def _concat_backward_fake(grad, feature_shapes, mode, align_corners, channels_last):
+        fmt = _layout(channels_last)
+        return [
+            torch.empty((grad.shape[0], *feature_shapes[i : i + 3]), dtype=grad.dtype, device=grad.device,
+                        memory_format=fmt)
+            for i in range(0, len(feature_shapes), 3)
+        ]
+
+    # pyramid: grad_x = sum_k R_k^T(grad_k) / std, one fused gather.
+    def _pyramid_setup(ctx, inputs, output):
+        x, _, scales, mode, antialias, align_corners, _, std, _ = inputs
+        ctx.args = (list(x.shape), scales, mode, antialias, align_corners, std, x.dtype, is_channels_last(x))
+
+    def _pyramid_bwd(ctx, grads):
+        shape, scales, mode, antialias, align_corners, std, dtype, cl = ctx.args
+        gx = torch.ops.msfast.pyramid_backward(list(grads), shape, scales, mode, antialias, align_corners, std,
+                                               dtype, cl)
+        return gx, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("msfast::pyramid", _pyramid_bwd, setup_context=_pyramid_setup)
+
+    # pyramid_backward is linear in grads: its adjoint is the pyramid forward of the incoming
+    # gradient, scaled by 1 / std but not shifted by the mean.
+    def _pyramid_backward_setup(ctx, inputs, output):
+        grads, _, scales, mode, antialias, align_corners, std, _, _ = inputs
+        ctx.levels = [None if g is None else (g.shape[2], g.shape[3], g.dtype) for g in grads]
+        ctx.args = (scales, mode, antialias, align_corners, std)
+
+    def _pyramid_backward_bwd(ctx, gg):
+        scales, mode, antialias, align_corners, std = ctx.args
+        live = [k for k, lv in enumerate(ctx.levels) if lv is not None]
+        out = [None] * len(ctx.levels)
+        if gg is not None and live:
+            sizes = _flat([ctx.levels[k][:2] for k in live])
+            sc = [scales[k] for k in live] if scales else []
+            res = torch.ops.msfast.pyramid(gg, sizes, sc, mode, antialias, align_corners, None, std,
+                                           ctx.levels[live[0]][2])
+            for k, r in zip(live, res):
+                out[k] = r
+        return out, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("msfast::pyramid_backward", _pyramid_backward_bwd,
+                                    setup_context=_pyramid_backward_setup)
+
+    def _concat_setup(ctx, inputs, output):
+        features, _, mode, align_corners = inputs
+        ctx.shapes = [v for f in features for v in f.shape[1:]]
+        ctx.args = (mode, align_corners, is_channels_last(output))
+
+    def _concat_bwd(ctx, grad):
+        mode, align_corners, cl = ctx.args
+        grads = torch.ops.msfast.upsample_concat_backward(grad, ctx.shapes, mode, align_corners, cl)
+        return list(grads), None, None, None
+
+    torch.library.register_autograd("msfast::upsample_concat", _concat_bwd, setup_context=_concat_setup)
+
+    def _concat_backward_setup(ctx, inputs, output):
+        grad, feature_shapes, mode, align_corners, _ = inputs
+        ctx.shapes = list(feature_shapes)
+        ctx.args = (grad.shape[2], grad.shape[3], mode, align_corners)
+
+    def _concat_backward_bwd(ctx, ggs):
+        H, W, mode, align_corners = ctx.args
+        ref = next((g for g in ggs if g is not None), None)
+        if ref is None:
+            return None, None, None, None, None
+        feats = [
+            g if g is not None else ref.new_zeros((ref.shape[0], *ctx.shapes[3 * i : 3 * i + 3]))
+            for i, g in enumerate(ggs)
+        ]
+        return torch.ops.msfast.upsample_concat(feats, [H, W], mode, align_corners), None, None, None, None
+
+    torch.library.register_autograd("msfast::upsample_concat_backward", _concat_backward_bwd,
+                                    setup_context=_concat_backward_setup)

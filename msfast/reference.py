@@ -1,0 +1,57 @@
+"""The pure-PyTorch path: the same two operators written with F.interpolate and torch.cat.
+
+It is the test oracle, the benchmark baseline and the fallback when msfast._C cannot load.
+It accepts and rejects the same arguments as the compiled operators.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._args import concat_args, pyramid_args
+
+__all__ = ["pyramid", "upsample_concat", "normalize"]
+
+
+def normalize(x: torch.Tensor, out_dtype: torch.dtype, mean=None, std=None) -> torch.Tensor:
+    """x converted to out_dtype, divided by 255 when uint8, then (x - mean[c]) / std[c]."""
+    was_uint8 = x.dtype == torch.uint8
+    x = x.to(out_dtype)
+    if was_uint8:
+        x = x / 255
+    if mean is not None:
+        x = x - torch.tensor(mean, dtype=out_dtype, device=x.device).view(1, -1, 1, 1)
+    if std is not None:
+        x = x / torch.tensor(std, dtype=out_dtype, device=x.device).view(1, -1, 1, 1)
+    return x
+
+
+def _interp_kwargs(mode, align_corners, antialias):
+    kw = {"mode": mode}
+    if mode in ("bilinear", "bicubic"):
+        kw["align_corners"] = align_corners
+        kw["antialias"] = antialias
+    return kw
+
+
+def pyramid(x, scales=None, sizes=None, *, mode="bilinear", antialias=None, align_corners=None, mean=None,
+            std=None, out_dtype=None):
+    """See msfast.pyramid."""
+    a = pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype)
+    xn = normalize(x, a.out_dtype, a.mean, a.std)
+    kw = _interp_kwargs(a.mode, a.align_corners, a.antialias)
+    if a.scales is not None:
+        return [F.interpolate(xn, scale_factor=s, **kw) for s in a.scales]
+    return [F.interpolate(xn, size=hw, **kw) for hw in a.sizes]
+
+
+def upsample_concat(features, size, *, mode="bilinear", align_corners=None, out=None):
+    """See msfast.upsample_concat."""
+    features, size, mode, align_corners = concat_args(features, size, mode, align_corners, out)
+    kw = _interp_kwargs(mode, align_corners, False)
+    kw.pop("antialias", None)
+    resized = [F.interpolate(f, size=size, **kw) for f in features]
+    if out is not None:
+        return torch.cat(resized, 1, out=out)
+    return torch.cat(resized, 1)
