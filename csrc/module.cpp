@@ -12,11 +12,14 @@
 namespace msfast {
 // Defined by csrc/cuda/*.cu when the CUDA kernels were compiled in.
 bool cuda_kernels_built();
+const char* cpu_isa();  // csrc/cpu/resample_cpu.cpp
+void empty_cpu_cache();  // csrc/cpu/out_cache.cpp
 }  // namespace msfast
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "msfast compiled kernels";
   m.def("cuda_built", &msfast::cuda_kernels_built, "True when the CUDA kernels were compiled in");
+  m.def("empty_cpu_cache", &msfast::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("build_info", []() {
     pybind11::dict d;
     d["torch_version"] = MSFAST_TORCH_VERSION;
@@ -26,6 +29,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda"] = false;
 #endif
     d["cuda_archs"] = MSFAST_CUDA_ARCHS;
+    d["cpu_isa"] = msfast::cpu_isa();
 #ifdef _OPENMP
     d["openmp"] = true;
 #else

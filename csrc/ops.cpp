@@ -91,7 +91,7 @@ std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
   std::vector<Job> jobs;
   for (size_t k = 0; k < sizes.size() / 2; ++k) {
     const int64_t h = sizes[2 * k], w = sizes[2 * k + 1];
-    auto out = at::empty({x.size(0), C, h, w}, x.options().dtype(dt).memory_format(format_of(cl)));
+    auto out = empty_output({x.size(0), C, h, w}, x.options().dtype(dt), cl);
     outs.push_back(out);
     Job j;
     j.dst = out;
@@ -144,7 +144,7 @@ at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& g
                            level_axis(mode, antialias, align_corners, W, g.size(3), scales, k), true});
   }
   TORCH_CHECK_VALUE(any.has_value(), "msfast: pyramid_backward needs at least one defined grad");
-  j.dst = at::empty({N, C, H, W}, any->options().dtype(dtype).memory_format(format_of(channels_last)));
+  j.dst = empty_output({N, C, H, W}, any->options().dtype(dtype), channels_last);
   if (N > 0) run({j});
   return j.dst;
 }
@@ -193,7 +193,7 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
     cl = !dst.is_contiguous();
   } else {
     cl = is_channels_last(f0);
-    dst = at::empty({N, Ctot, H, W}, f0.options().memory_format(format_of(cl)));
+    dst = empty_output({N, Ctot, H, W}, f0.options(), cl);
   }
   std::vector<Job> jobs;
   int64_t c0 = 0;
@@ -230,7 +230,7 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
     const int64_t C = feature_shapes[i], h = feature_shapes[i + 1], w = feature_shapes[i + 2];
     TORCH_CHECK_VALUE(C >= 1 && h >= 1 && w >= 1, "msfast: feature_shapes must be >= 1, got ", feature_shapes);
     Job j;
-    j.dst = at::empty({N, C, h, w}, grad.options().memory_format(format_of(channels_last)));
+    j.dst = empty_output({N, C, h, w}, grad.options(), channels_last);
     j.channels_last = channels_last;
     j.terms.push_back(Term{g.narrow(1, c0, C), Axis{mode, false, align_corners, h, H, 0.0},
                            Axis{mode, false, align_corners, w, W, 0.0}, true});

@@ -31,6 +31,11 @@ struct Job {
 
 using Runner = void (*)(const std::vector<Job>& jobs);
 
+// An output tensor: on the CPU large ones come from msfast's cache of page-faulted-in
+// blocks (csrc/cpu/out_cache.cpp), elsewhere from at::empty.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool channels_last);
+void empty_cpu_cache();
+
 std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
                                      at::ArrayRef<double> scales, const std::string& mode,
                                      bool antialias, bool align_corners,

@@ -1,0 +1,363 @@
+"""``msfast bench``: msfast against eager PyTorch and torch.compile, side by side.
+
+Every case is timed in one process, one run: the eager reference path (F.interpolate +
+torch.cat), ``torch.compile(reference, fullgraph=True)`` (its compile time reported apart)
+and msfast. Each timing is the median of several repetitions; the report gives the ratios
+and the share of the memory-bandwidth roofline: the bytes that must move (every input read
+once, every output written once) over the bandwidth of a large tensor copy measured in the
+same run. The case definitions here are also what benchmarks/ (pytest-benchmark) runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from . import _ops, reference
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CASES = ("preprocess", "pyramid", "fpn_concat", "fpn_concat_out")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LAYOUTS = ("nchw", "channels_last")
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One row of the report: a case at one dtype, layout and pass."""
+
+    case: str
+    dtype: str
+    layout: str
+    pass_: str
+    device: str
+    quick: bool = False
+
+
+@dataclasses.dataclass
+class Prepared:
+    inputs: list  # tensors (leaves) the functions take
+    run_ref: Callable  # reference path on inputs -> output(s)
+    run_msfast: Callable
+    grads: Optional[list]  # grad_outputs for fwd+bwd, None for fwd
+    bytes_fwd: int  # minimal bytes moved by the forward
+    bytes_bwd: int  # minimal bytes moved by the backward
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def variants(device: str, cases=CASES, dtypes=tuple(DTYPES), layouts=LAYOUTS, passes=PASSES, quick=False):
+    """The variants of the standard cases that make sense (uint8 preprocess has no backward,
+    its input layout is fixed; the out= case is forward only)."""
+    out = []
+    for case in cases:
+        for dt in dtypes:
+            for lay in layouts:
+                for ps in passes:
+                    if case == "preprocess" and (ps != "fwd" or lay != "channels_last"):
+                        continue
+                    if case == "fpn_concat_out" and ps != "fwd":
+                        continue
+                    if case == "pyramid" and lay != "nchw" and quick:
+                        continue
+                    out.append(Variant(case, dt, lay, ps, device, quick))
+    return out
+
+
+def prepare(v: Variant, seed: int = 0) -> Prepared:
+    """Builds the inputs and the two implementations of a variant."""
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(v.device)
+    dtype = DTYPES[v.dtype]
+    cl = v.layout == "channels_last"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    q = v.quick
+    if v.case == "preprocess":
+        n = 8 if q else 32
+        img = torch.randint(0, 256, (n, 224, 224, 3), dtype=torch.uint8, generator=g).to(dev)
+        x = img.permute(0, 3, 1, 2)  # channels_last view of the image batch, no copy
+        scales = [1.0, 0.75, 0.5, 0.25]
+        kw = dict(mode="bilinear", antialias=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=dtype)
+        outs = sum(_nbytes((n, 3, int(224 * s), int(224 * s)), dtype) for s in scales)
+        return Prepared([x], lambda x: reference.pyramid(x, scales, **kw), lambda x: _ops.pyramid(x, scales, **kw),
+                        None, x.numel() + outs, 0)
+    if v.case == "pyramid":
+        n = 8 if q else 32
+        x = torch.randn(n, 3, 224, 224, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
+        scales = [1.0, 0.5, 0.25]
+        kw = dict(mode="bilinear", antialias=True)
+        shapes = [(n, 3, int(224 * s), int(224 * s)) for s in scales]
+        outs = sum(_nbytes(s, dtype) for s in shapes)
+        grads = None
+        if v.pass_ == "fwd+bwd":
+            x.requires_grad_(True)
+            grads = [torch.randn(s, generator=g).to(dev, dtype).contiguous(memory_format=fmt) for s in shapes]
+        inb = _nbytes(x.shape, dtype)
+        return Prepared([x], lambda x: reference.pyramid(x, scales, **kw), lambda x: _ops.pyramid(x, scales, **kw),
+                        grads, inb + outs, outs + inb)
+    # fpn_concat
+    n = 4 if q else 16
+    spec = [(64, 56), (128, 28), (256, 14), (512, 7)]
+    feats = [torch.randn(n, c, s, s, generator=g).to(dev, dtype).contiguous(memory_format=fmt) for c, s in spec]
+    size = (56, 56)
+    out_shape = (n, sum(c for c, _ in spec), *size)
+    inb = sum(_nbytes(f.shape, dtype) for f in feats)
+    outb = _nbytes(out_shape, dtype)
+    if v.case == "fpn_concat_out":
+        out_ref = torch.empty(out_shape, dtype=dtype, device=dev).contiguous(memory_format=fmt)
+        out_ms = torch.empty_like(out_ref)
+        return Prepared(
+            feats,
+            lambda *f: reference.upsample_concat(list(f), size, out=out_ref),
+            lambda *f: _ops.upsample_concat(list(f), size, out=out_ms),
+            None, inb + outb, 0,
+        )
+    grads = None
+    if v.pass_ == "fwd+bwd":
+        for f in feats:
+            f.requires_grad_(True)
+        grads = [torch.randn(out_shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)]
+    return Prepared(feats, lambda *f: reference.upsample_concat(list(f), size),
+                    lambda *f: _ops.upsample_concat(list(f), size), grads, inb + outb, outb + inb)
+
+
+def step_fn(p: Prepared, impl: Callable) -> Callable[[], None]:
+    """A closure that runs one forward (and backward, when the variant has grads)."""
+    if p.grads is None:
+        def fwd():
+            with torch.no_grad():
+                impl(*p.inputs)
+        return fwd
+
+    def fwd_bwd():
+        out = impl(*p.inputs)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        torch.autograd.backward(outs, p.grads)
+        for t in p.inputs:
+            t.grad = None
+    return fwd_bwd
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], None], device: str, reps: int, warmup: int = 1, max_seconds: float = 20.0) -> List[float]:
+    """Wall times (ms) of `reps` calls after `warmup`, fewer when they would exceed max_seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            break
+    return times
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20, reps: int = 7) -> float:
+    """Bytes per second of a large tensor copy (read + write), the roofline's denominator."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = time_fn(lambda: dst.copy_(src), device, reps, warmup=2)
+    return 2 * nbytes / (statistics.median(times) / 1e3)
+
+
+def compile_reference(p: Prepared):
+    return torch.compile(p.run_ref, fullgraph=True)
+
+
+def environment(device: str) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "msfast": __import__("msfast").__version__,
+        "fallback": _ops.fallback_reason(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "device": device,
+        "commit": _git_commit(),
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def run(args) -> dict:
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("msfast bench: --device cuda but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 7)
+    cases = args.cases.split(",") if args.cases else list(CASES)
+    for c in cases:
+        if c not in CASES:
+            raise SystemExit(f"msfast bench: unknown case {c!r}; choose from {', '.join(CASES)}")
+    dtypes = args.dtypes.split(",") if args.dtypes else list(DTYPES)
+    layouts = args.layouts.split(",") if args.layouts else list(LAYOUTS)
+    vs = variants(device, cases, dtypes, layouts, PASSES, args.quick)
+    bw = copy_bandwidth(device)
+    env = environment(device)
+    env["copy_GBps"] = bw / 1e9
+    rows = []
+    log = sys.stderr
+    print(f"msfast bench on {device} ({env['cpu'] if device == 'cpu' else env.get('gpu')}), "
+          f"{env['threads']} threads, copy bandwidth {bw / 1e9:.1f} GB/s, THP_MEM_ALLOC_ENABLE="
+          f"{env['THP_MEM_ALLOC_ENABLE']}", file=log)
+    for i, v in enumerate(vs, 1):
+        tag = f"[{i}/{len(vs)}] {v.case} {v.dtype} {v.layout} {v.pass_}"
+        p = prepare(v)
+        print(f"{tag}: eager...", end="", file=log, flush=True)
+        eager = statistics.median(time_fn(step_fn(p, p.run_ref), device, reps))
+        comp = comp_s = None
+        if not args.no_compile:
+            print(" compile...", end="", file=log, flush=True)
+            try:
+                torch._dynamo.reset()
+                cfn = compile_reference(p)
+                t0 = time.perf_counter()
+                step_fn(p, cfn)()
+                _sync(device)
+                first = time.perf_counter() - t0
+                comp = statistics.median(time_fn(step_fn(p, cfn), device, reps, warmup=1))
+                comp_s = max(first - comp / 1e3, 0.0)
+            except Exception as e:  # report, don't abort the whole run
+                print(f" (compile failed: {type(e).__name__}: {e})", end="", file=log)
+        print(" msfast...", end="", file=log, flush=True)
+        ms = statistics.median(time_fn(step_fn(p, p.run_msfast), device, reps))
+        nbytes = p.bytes_fwd + (p.bytes_bwd if v.pass_ == "fwd+bwd" else 0)
+        roof_ms = nbytes / bw * 1e3
+        row = {
+            "case": v.case, "device": device, "dtype": v.dtype, "layout": v.layout, "pass": v.pass_,
+            "eager_ms": eager, "compile_ms": comp, "compile_time_s": comp_s, "msfast_ms": ms,
+            "speedup_vs_eager": eager / ms, "speedup_vs_compile": (comp / ms) if comp else None,
+            "bytes": nbytes, "roofline_ms": roof_ms, "roofline_share": roof_ms / ms,
+        }
+        rows.append(row)
+        print(f" {ms:.2f} ms ({row['speedup_vs_eager']:.1f}x eager)", file=log, flush=True)
+    return {"environment": env, "reps": reps, "quick": bool(args.quick), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    head = ["case", "device", "dtype", "layout", "pass", "eager ms", "compile ms", "msfast ms", "vs eager",
+            "vs compile", "roofline"]
+    lines = []
+    for r in result["rows"]:
+        comp = f"{r['compile_ms']:.2f}" if r["compile_ms"] is not None else "-"
+        vc = f"{r['speedup_vs_compile']:.1f}x" if r["speedup_vs_compile"] is not None else "-"
+        lines.append([r["case"], r["device"], r["dtype"], r["layout"], r["pass"], f"{r['eager_ms']:.2f}", comp,
+                      f"{r['msfast_ms']:.2f}", f"{r['speedup_vs_eager']:.1f}x", vc, f"{100 * r['roofline_share']:.0f}%"])
+    widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+    out = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt(row) for row in lines]
+    env = result["environment"]
+    out.append(f"\n{env['device']}: {env['cpu'] if env['device'] == 'cpu' else env.get('gpu')}, {env['threads']} "
+               f"threads, torch {env['torch']}, copy {env['copy_GBps']:.1f} GB/s, THP_MEM_ALLOC_ENABLE="
+               f"{env['THP_MEM_ALLOC_ENABLE']}, medians of {result['reps']}, commit {env['commit']}")
+    return "\n".join(out)
+
+
+def plot(result: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    labels = [f"{r['case']}\n{r['dtype']} {r['layout'][:4]} {r['pass']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(rows)), 5))
+    xs = range(len(rows))
+    w = 0.4
+    ax.bar([x - w / 2 for x in xs], [r["speedup_vs_eager"] for r in rows], w, label="vs eager")
+    ax.bar([x + w / 2 for x in xs], [r["speedup_vs_compile"] or 0 for r in rows], w, label="vs torch.compile")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("msfast speed-up (x, log scale)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    env = result["environment"]
+    ax.set_title(f"msfast on {env['device']} ({env['threads']} threads, torch {env['torch']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _main(args) -> int:
+    result = run(args)
+    print(format_table(result))
+    os.makedirs(args.out, exist_ok=True)
+    jpath = os.path.join(args.out, f"bench_{args.device}.json")
+    with open(jpath, "w") as f:
+        json.dump(result, f, indent=2)
+    ppath = os.path.join(args.out, f"bench_{args.device}.png")
+    made = plot(result, ppath)
+    print(f"\nwrote {jpath}" + (f" and {ppath}" if made else " (no PNG: matplotlib is not installed)"))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time msfast against eager PyTorch and torch.compile")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--cases", default="", help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--dtypes", default="", help="comma-separated subset of float32,bfloat16")
+    p.add_argument("--layouts", default="", help="comma-separated subset of nchw,channels_last")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--reps", type=int, default=0, help="timed repetitions per measurement (default 7, quick 3)")
+    p.add_argument("--quick", action="store_true", help="smaller batches, fewer repetitions")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG")
+    p.set_defaults(func=_main)
