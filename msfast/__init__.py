@@ -8,8 +8,11 @@
 """
 
 from . import nn, reference
-from ._ops import fallback_reason, kernels_available, pyramid, upsample_concat
+from ._ops import empty_cache, fallback_reason, kernels_available, pyramid, upsample_concat
 
 __version__ = "0.1.0"
 
-__all__ = ["pyramid", "upsample_concat", "reference", "nn", "fallback_reason", "kernels_available", "__version__"]
+__all__ = [
+    "pyramid", "upsample_concat", "reference", "nn", "fallback_reason", "kernels_available", "empty_cache",
+    "__version__",
+]

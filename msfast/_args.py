@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import Optional, Sequence
 
 import torch
 
@@ -23,12 +22,12 @@ PYRAMID_DTYPES = (torch.uint8, *FLOAT_DTYPES)
 @dataclass(frozen=True)
 class PyramidArgs:
     sizes: list  # [(h, w)] per level, ints or SymInts
-    scales: Optional[list]  # per level, or None when given by size
+    scales: list | None  # per level, or None when given by size
     mode: str
     antialias: bool
     align_corners: bool
-    mean: Optional[list]
-    std: Optional[list]
+    mean: list | None
+    std: list | None
     out_dtype: torch.dtype
 
 
@@ -42,7 +41,9 @@ def _check_tensor(t, name: str, dtypes) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"msfast: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
-        raise ValueError(f"msfast: {name} must be a 4-D [N, C, H, W] tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+        raise ValueError(
+            f"msfast: {name} must be a 4-D [N, C, H, W] tensor, got {t.dim()}-D with shape {tuple(t.shape)}"
+        )
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"msfast: {name} must have dtype in ({names}), got {t.dtype}")
@@ -166,7 +167,9 @@ def concat_args(features, size, mode, align_corners, out):
     f0 = features[0]
     for i, f in enumerate(features[1:], 1):
         if f.dtype != f0.dtype:
-            raise TypeError(f"msfast: features must share one dtype: features[0] is {f0.dtype}, features[{i}] is {f.dtype}")
+            raise TypeError(
+                f"msfast: features must share one dtype: features[0] is {f0.dtype}, features[{i}] is {f.dtype}"
+            )
         if f.device != f0.device:
             raise ValueError(
                 f"msfast: features must share one device: features[0] is on {f0.device}, features[{i}] on {f.device}"

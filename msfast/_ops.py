@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional
 
 import torch
 
 from . import reference
 from ._args import concat_args, is_channels_last, pyramid_args
 
-__all__ = ["pyramid", "upsample_concat", "fallback_reason", "kernels_available"]
+__all__ = ["pyramid", "upsample_concat", "fallback_reason", "kernels_available", "empty_cache"]
 
 
 def _load():
@@ -42,7 +41,7 @@ if _C is None:
     )
 
 
-def fallback_reason() -> Optional[str]:
+def fallback_reason() -> str | None:
     """None when the compiled kernels are in use, otherwise why they are not."""
     return _LOAD_ERROR
 
@@ -54,6 +53,17 @@ def kernels_available(device_type: str) -> bool:
     if device_type == "cuda":
         return bool(_C.cuda_built())
     return device_type in ("cpu", "meta")
+
+
+def empty_cache() -> None:
+    """Frees the idle blocks msfast keeps for reuse as CPU outputs (see csrc/cpu/out_cache.cpp).
+
+    Large CPU outputs are allocated from a cache of already-mapped blocks, because a fresh
+    allocation costs a page fault per page on its first write. ``MSFAST_CPU_CACHE_MB`` bounds
+    the idle bytes kept (default 1024, 0 disables the cache).
+    """
+    if _C is not None:
+        _C.empty_cpu_cache()
 
 
 _warned_devices = set()
@@ -90,12 +100,12 @@ def pyramid(
     sizes=None,
     *,
     mode: str = "bilinear",
-    antialias: Optional[bool] = None,
-    align_corners: Optional[bool] = None,
+    antialias: bool | None = None,
+    align_corners: bool | None = None,
     mean=None,
     std=None,
-    out_dtype: Optional[torch.dtype] = None,
-) -> List[torch.Tensor]:
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
     """Resize one batch to K levels in one fused kernel.
 
     Level k equals ``F.interpolate(x_norm, scale_factor=scales[k] | size=sizes[k], mode=mode,
@@ -125,8 +135,8 @@ def pyramid(
                                     a.mean, a.std, a.out_dtype)
 
 
-def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: Optional[bool] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bool | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Resize every feature map to ``size`` and concatenate them along channels.
 
     Equals ``torch.cat([F.interpolate(f, size=size, mode=mode, align_corners=align_corners)

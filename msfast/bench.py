@@ -10,7 +10,6 @@ same run. The case definitions here are also what benchmarks/ (pytest-benchmark)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -20,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable
 
 import torch
 
@@ -51,7 +50,7 @@ class Prepared:
     inputs: list  # tensors (leaves) the functions take
     run_ref: Callable  # reference path on inputs -> output(s)
     run_msfast: Callable
-    grads: Optional[list]  # grad_outputs for fwd+bwd, None for fwd
+    grads: list | None  # grad_outputs for fwd+bwd, None for fwd
     bytes_fwd: int  # minimal bytes moved by the forward
     bytes_bwd: int  # minimal bytes moved by the backward
 
@@ -160,7 +159,7 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], None], device: str, reps: int, warmup: int = 1, max_seconds: float = 20.0) -> List[float]:
+def time_fn(fn: Callable[[], None], device: str, reps: int, warmup: int = 1, max_seconds: float = 20.0) -> list[float]:
     """Wall times (ms) of `reps` calls after `warmup`, fewer when they would exceed max_seconds."""
     for _ in range(warmup):
         fn()
@@ -222,7 +221,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -295,7 +294,8 @@ def format_table(result: dict) -> str:
         comp = f"{r['compile_ms']:.2f}" if r["compile_ms"] is not None else "-"
         vc = f"{r['speedup_vs_compile']:.1f}x" if r["speedup_vs_compile"] is not None else "-"
         lines.append([r["case"], r["device"], r["dtype"], r["layout"], r["pass"], f"{r['eager_ms']:.2f}", comp,
-                      f"{r['msfast_ms']:.2f}", f"{r['speedup_vs_eager']:.1f}x", vc, f"{100 * r['roofline_share']:.0f}%"])
+                      f"{r['msfast_ms']:.2f}", f"{r['speedup_vs_eager']:.1f}x", vc,
+                      f"{100 * r['roofline_share']:.0f}%"])
     widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     out = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

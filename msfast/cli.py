@@ -26,6 +26,7 @@ def _info(args) -> int:
         info["built_against_torch"] = built["torch_version"]
         info["cuda_arch_list"] = built["cuda_archs"] or None
         info["openmp"] = built["openmp"]
+        info["cpu_isa"] = built["cpu_isa"]
         info["kernels"] = {"cpu": True, "cuda": bool(_ops._C.cuda_built())}
     else:
         info["kernels"] = {"cpu": False, "cuda": False}

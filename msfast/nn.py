@@ -6,7 +6,7 @@ numerics, which is what the end-to-end benchmarks compare against.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,9 +27,9 @@ def _backend(name: str):
 class ImagePyramid(nn.Module):
     """``x -> [level_0, ..., level_K-1]``, see :func:`msfast.pyramid` for the arguments."""
 
-    def __init__(self, scales: Optional[Sequence[float]] = None, sizes=None, *, mode: str = "bilinear",
-                 antialias: Optional[bool] = None, align_corners: Optional[bool] = None, mean=None, std=None,
-                 out_dtype: Optional[torch.dtype] = None, backend: str = "msfast"):
+    def __init__(self, scales: Sequence[float] | None = None, sizes=None, *, mode: str = "bilinear",
+                 antialias: bool | None = None, align_corners: bool | None = None, mean=None, std=None,
+                 out_dtype: torch.dtype | None = None, backend: str = "msfast"):
         super().__init__()
         if (scales is None) == (sizes is None):
             raise ValueError("msfast: give exactly one of scales or sizes")
@@ -59,7 +59,7 @@ class UpsampleConcat(nn.Module):
     ``size=None`` resizes to the spatial size of ``features[0]`` (the finest map, by convention).
     """
 
-    def __init__(self, size=None, *, mode: str = "bilinear", align_corners: Optional[bool] = None,
+    def __init__(self, size=None, *, mode: str = "bilinear", align_corners: bool | None = None,
                  backend: str = "msfast"):
         super().__init__()
         _backend(backend)
