@@ -37,7 +37,11 @@ template <typename acc_t>
 struct JobPlan {
   View dst;
   std::vector<TermPlan<acc_t>> terms;
+  // The per-channel affine laid out like one output run (see RowShape): for channels_last
+  // the channel pattern repeated along the row, so the write is one vectorizable loop.
+  std::vector<acc_t> scale_run, shift_run;
   std::vector<acc_t> scale, shift;
+  bool direct = false;  // dst rows are packed acc_t with no affine: compute in place
 };
 
 template <typename acc_t>
@@ -81,11 +85,11 @@ void vertical(const src_t* plane, const View& v, const Table<acc_t>& th, int64_t
 }
 
 // KW > 0: the table has exactly KW taps (the common 1, 2, 3, 4), so the tap loop unrolls;
-// kOne: one value per pixel (NCHW), so the channel loop disappears.
-template <int KW, bool kOne, bool kAdd, typename acc_t>
+// CP > 0: CP values per pixel (1: NCHW, 3: RGB channels_last), so the channel loop unrolls.
+template <int KW, int CP, bool kAdd, typename acc_t>
 void horizontal_impl(const acc_t* __restrict__ tmp, const Table<acc_t>& tw, int64_t cp, acc_t* __restrict__ acc) {
   const int64_t K = KW > 0 ? KW : tw.K;
-  const int64_t n = kOne ? 1 : cp;
+  const int64_t n = CP > 0 ? CP : cp;
   const int64_t* __restrict__ start = tw.start.data();
   const acc_t* __restrict__ wt = tw.w.data();
   for (int64_t ox = 0; ox < tw.out; ++ox) {
@@ -102,9 +106,10 @@ void horizontal_impl(const acc_t* __restrict__ tmp, const Table<acc_t>& tw, int6
 
 template <bool kAdd, typename acc_t>
 void horizontal_k(const acc_t* tmp, const Table<acc_t>& tw, int64_t cp, acc_t* acc) {
-#define MSFAST_H(KW)                                                       \
-  if (cp == 1) return horizontal_impl<KW, true, kAdd>(tmp, tw, cp, acc); \
-  return horizontal_impl<KW, false, kAdd>(tmp, tw, cp, acc);
+#define MSFAST_H(KW)                                                 \
+  if (cp == 1) return horizontal_impl<KW, 1, kAdd>(tmp, tw, cp, acc); \
+  if (cp == 3) return horizontal_impl<KW, 3, kAdd>(tmp, tw, cp, acc); \
+  return horizontal_impl<KW, 0, kAdd>(tmp, tw, cp, acc);
   switch (tw.K) {
     case 1: MSFAST_H(1)
     case 2: MSFAST_H(2)
@@ -134,34 +139,41 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ac
 template <typename src_t, typename acc_t>
 struct RowMaker {
   std::vector<acc_t> tmp;   // one source row in acc_t
-  std::vector<acc_t> ring;  // h_first: K horizontally resampled source rows
+  std::vector<acc_t> ring;  // h_first: horizontally resampled source rows, R >= K slots
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
+  int64_t mask = 0;          // R - 1; R is a power of two so a slot is y & mask
 
   void run(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, bool add, acc_t* acc) {
     const View& v = tp.v;
     if (!tp.h_first) {
-      tmp.resize(v.W * v.cp);
+      if (tp.h_unit && !add) {  // the vertical pass already gives the output row
+        vertical(plane, v, tp.th, oy, acc);
+        return;
+      }
+      if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
       vertical(plane, v, tp.th, oy, tmp.data());
       horizontal(tp, tmp.data(), add, acc);
       return;
     }
     const int64_t K = tp.th.K, n = tp.tw.out * v.cp, y0 = tp.th.start[oy];
-    if (static_cast<int64_t>(tag.size()) != K || static_cast<int64_t>(ring.size()) != K * n) {
-      ring.assign(K * n, acc_t(0));
-      tag.assign(K, -1);
+    int64_t R = 1;
+    while (R < K) R *= 2;
+    if (static_cast<int64_t>(tag.size()) != R || static_cast<int64_t>(ring.size()) != R * n) {
+      ring.assign(R * n, acc_t(0));
+      tag.assign(R, -1);
+      mask = R - 1;
     }
-    tmp.resize(v.W * v.cp);
-    const RowShape s = row_shape(v);
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t y = y0 + k, slot = y % K;
+      const int64_t y = y0 + k, slot = y & mask;
       if (tag[slot] == y) continue;
-      axpy_row<false>(plane + y * v.row, s, acc_t(1), tmp.data());
+      if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
+      axpy_row<false>(plane + y * v.row, row_shape(v), acc_t(1), tmp.data());
       horizontal(tp, tmp.data(), false, ring.data() + slot * n);
       tag[slot] = y;
     }
     const acc_t* w = tp.th.w.data() + oy * K;
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t* __restrict__ r = ring.data() + ((y0 + k) % K) * n;
+      const acc_t* __restrict__ r = ring.data() + ((y0 + k) & mask) * n;
       const acc_t wk = w[k];
       if (k == 0 && !add) {
         for (int64_t i = 0; i < n; ++i) acc[i] = wk * r[i];
@@ -188,11 +200,10 @@ void write_row(dst_t* __restrict__ out, const View& d, int64_t plane, const acc_
       const int64_t ch = plane % d.pdiv;
       const acc_t m = j.scale[ch], b = j.shift[ch];
       for (int64_t c = 0; c < s.len; ++c) o[c] = static_cast<dst_t>(a[c] * m + b);
-    } else {  // channels_last: a run is one pixel's channels (s.len == cp or a multiple)
-      const acc_t* __restrict__ m = j.scale.data();
-      const acc_t* __restrict__ b = j.shift.data();
-      for (int64_t c0 = 0; c0 < s.len; c0 += d.cp)
-        for (int64_t c = 0; c < d.cp; ++c) o[c0 + c] = static_cast<dst_t>(a[c0 + c] * m[c] + b[c]);
+    } else {  // channels_last: the channel pattern laid out along the run
+      const acc_t* __restrict__ m = j.scale_run.data();
+      const acc_t* __restrict__ b = j.shift_run.data();
+      for (int64_t c = 0; c < s.len; ++c) o[c] = static_cast<dst_t>(a[c] * m[c] + b[c]);
     }
   }
 }
@@ -207,6 +218,13 @@ void run_typed(const std::vector<Job>& jobs) {
     p.dst = make_view(job.dst, job.channels_last);
     for (double v : job.scale) p.scale.push_back(static_cast<acc_t>(v));
     for (double v : job.shift) p.shift.push_back(static_cast<acc_t>(v));
+    if (!p.scale.empty() && p.dst.cl) {
+      const int64_t len = row_shape(p.dst).len;
+      for (int64_t i = 0; i < len; ++i) {
+        p.scale_run.push_back(p.scale[i % p.dst.cp]);
+        p.shift_run.push_back(p.shift[i % p.dst.cp]);
+      }
+    }
     for (const auto& t : job.terms) {
       // A gradient runs the forward axis (in -> out) transposed: it maps out -> in.
       auto th = forward_table<acc_t>(t.h), tw = forward_table<acc_t>(t.w);
@@ -220,6 +238,7 @@ void run_typed(const std::vector<Job>& jobs) {
       tp.h_first = !tp.h_unit && tp.th.in < tp.th.out;
       p.terms.push_back(std::move(tp));
     }
+    p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty() && row_shape(p.dst).runs == 1;
     max_acc = std::max(max_acc, p.dst.W * p.dst.cp);
     total_values += p.dst.planes * p.dst.H * p.dst.W * p.dst.cp;
     first_item.push_back(first_item.back() + p.dst.planes * p.dst.H);
@@ -252,8 +271,11 @@ void run_typed(const std::vector<Job>& jobs) {
         dst_t* out = static_cast<dst_t*>(p.dst.data) + p.dst.plane_offset(plane);
         const int64_t rows_end = std::min<int64_t>(p.dst.H, oy + (stop - item));
         for (; oy < rows_end; ++oy, ++item) {
-          for (size_t t = 0; t < p.terms.size(); ++t) makers[t].run(p.terms[t], src[t], oy, t > 0, acc.data());
-          write_row(out + oy * p.dst.row, p.dst, plane, acc.data(), p);
+          dst_t* row = out + oy * p.dst.row;
+          // When the row needs no conversion, accumulate straight into the output.
+          acc_t* a = p.direct ? reinterpret_cast<acc_t*>(row) : acc.data();
+          for (size_t t = 0; t < p.terms.size(); ++t) makers[t].run(p.terms[t], src[t], oy, t > 0, a);
+          if (!p.direct) write_row(row, p.dst, plane, a, p);
         }
         ++plane;
         oy = 0;

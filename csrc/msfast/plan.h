@@ -44,7 +44,18 @@ Table<T> forward_table(const Axis& a) {
   std::vector<T> raw(a.out * cap);
   int64_t K = 1;
   for (int64_t o = 0; o < a.out; ++o) {
-    count[o] = axis_taps<T>(a, o, &first[o], raw.data() + o * cap);
+    T* w = raw.data() + o * cap;
+    count[o] = axis_taps<T>(a, o, &first[o], w);
+    // Drop zero weights at either end (antialias at scale 1 yields taps {1, 0}): the row
+    // becomes a copy instead of a two-tap filter. Only 0 * inf = nan could tell them apart.
+    while (count[o] > 1 && w[count[o] - 1] == T(0)) --count[o];
+    int64_t lead = 0;
+    while (lead < count[o] - 1 && w[lead] == T(0)) ++lead;
+    if (lead > 0) {
+      for (int64_t k = lead; k < count[o]; ++k) w[k - lead] = w[k];
+      first[o] += lead;
+      count[o] -= lead;
+    }
     K = std::max(K, count[o]);
   }
   t.K = K;
