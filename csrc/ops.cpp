@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <utility>
 
 #include "msfast/ops.h"
 
@@ -14,7 +15,7 @@ bool is_float_type(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
 
-void check_levels(at::IntArrayRef sizes, at::ArrayRef<double> scales) {
+void check_levels(at::IntArrayRef sizes, at::ArrayRef<double> scales, int mode, int64_t H, int64_t W) {
   TORCH_CHECK_VALUE(!sizes.empty() && sizes.size() % 2 == 0,
                     "msfast: sizes must hold one (h, w) pair per level, got ", sizes.size(), " values");
   for (auto s : sizes) TORCH_CHECK_VALUE(s >= 1, "msfast: every output size must be >= 1, got ", sizes);
@@ -22,8 +23,18 @@ void check_levels(at::IntArrayRef sizes, at::ArrayRef<double> scales) {
   TORCH_CHECK_VALUE(scales.empty() || static_cast<int64_t>(scales.size()) == levels,
                     "msfast: scales must be empty or hold one value per level (", levels, "), got ",
                     scales.size());
-  for (auto s : scales)
+  for (size_t k = 0; k < scales.size(); ++k) {
+    const double s = scales[k];
     TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "msfast: scales must be positive and finite, got ", s);
+    // The kernels use the scale for the source index and the size for the extent: the two
+    // must agree as F.interpolate makes them (int64(in * scale)), or indices leave the input.
+    if (mode == kArea) continue;
+    const auto h = static_cast<int64_t>(static_cast<double>(H) * s);
+    const auto w = static_cast<int64_t>(static_cast<double>(W) * s);
+    TORCH_CHECK_VALUE(sizes[2 * k] == h && sizes[2 * k + 1] == w, "msfast: level ", k, " has size (",
+                      sizes[2 * k], ", ", sizes[2 * k + 1], ") but scale ", s, " of a ", H, "x", W,
+                      " input gives (", h, ", ", w, ")");
+  }
 }
 
 void check_mode(int mode, bool antialias) {
@@ -31,12 +42,27 @@ void check_mode(int mode, bool antialias) {
                     "msfast: antialias is only supported with mode 'bilinear' or 'bicubic'");
 }
 
-// One axis of level k. Area mode never uses the scale (F.interpolate recomputes the size
-// and calls adaptive_avg_pool2d), every other mode uses 1 / scale when one was given.
-Axis level_axis(int mode, bool antialias, bool align_corners, int64_t in, int64_t out,
-                at::ArrayRef<double> scales, size_t k) {
-  const double s = (scales.empty() || mode == kArea) ? 0.0 : scales[k];
-  return Axis{mode, antialias, align_corners, in, out, s};
+int concat_mode(const std::string& name) {
+  const int mode = mode_from_string(name);
+  TORCH_CHECK_VALUE(mode == kNearest || mode == kNearestExact || mode == kBilinear || mode == kBicubic,
+                    "msfast: upsample_concat supports modes 'bilinear', 'bicubic', 'nearest' and "
+                    "'nearest-exact', got '", name, "'");
+  return mode;
+}
+
+// ATen's choice of CPU nearest kernel (see Axis::cl_nearest); `cl` is the call's layout.
+bool aten_cl_nearest(bool cl, int64_t C, int64_t out_h, int64_t out_w) {
+  return (cl && C > 3) || out_h + out_w <= 128;
+}
+
+// The two axes of a resize from (H, W) to (h, w). Area mode never uses the scale
+// (F.interpolate recomputes the size and calls adaptive_avg_pool2d), every other mode uses
+// 1 / scale when one was given (scale <= 0: none).
+std::pair<Axis, Axis> axes(int mode, bool antialias, bool align_corners, bool cl, int64_t C, int64_t H, int64_t W,
+                           int64_t h, int64_t w, double scale) {
+  const double s = mode == kArea ? 0.0 : scale;
+  const bool cln = aten_cl_nearest(cl, C, h, w);
+  return {Axis{mode, antialias, align_corners, H, h, s, cln}, Axis{mode, antialias, align_corners, W, w, s, cln}};
 }
 
 std::vector<double> per_channel(std::optional<at::ArrayRef<double>> v, int64_t C, const char* name) {
@@ -63,7 +89,7 @@ std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
                     "msfast: x must have non-empty C, H and W, got shape ", x.sizes());
   const int mode = mode_from_string(mode_name);
   check_mode(mode, antialias);
-  check_levels(sizes, scales);
+  check_levels(sizes, scales, mode, x.size(2), x.size(3));
   const auto dt = out_dtype.value_or(in_t == at::kByte ? at::kFloat : in_t);
   TORCH_CHECK_TYPE(is_float_type(dt), "msfast: out_dtype must be a floating dtype, got ", dt);
 
@@ -98,8 +124,9 @@ std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
     j.channels_last = cl;
     j.scale = scale;
     j.shift = shift;
-    j.terms.push_back(Term{src, level_axis(mode, antialias, align_corners, x.size(2), h, scales, k),
-                           level_axis(mode, antialias, align_corners, x.size(3), w, scales, k), false});
+    const auto [ah, aw] = axes(mode, antialias, align_corners, cl, C, x.size(2), x.size(3), h, w,
+                               scales.empty() ? 0.0 : scales[k]);
+    j.terms.push_back(Term{src, ah, aw, false});
     jobs.push_back(std::move(j));
   }
   if (x.size(0) > 0) run(jobs);
@@ -118,6 +145,8 @@ at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& g
   TORCH_CHECK_VALUE(scales.empty() || scales.size() == grads.size(),
                     "msfast: scales must be empty or hold one value per level");
   const int64_t N = input_shape[0], C = input_shape[1], H = input_shape[2], W = input_shape[3];
+  TORCH_CHECK_VALUE(N >= 0 && C >= 1 && H >= 1 && W >= 1, "msfast: input_shape must be >= 1 (N >= 0), got ",
+                    input_shape);
   auto s = per_channel(std, C, "std");
   Job j;
   j.channels_last = channels_last;
@@ -138,10 +167,11 @@ at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& g
       TORCH_CHECK_TYPE(g.scalar_type() == any->scalar_type(), "msfast: all grads must share one dtype");
       TORCH_CHECK(g.device() == any->device(), "msfast: all grads must be on one device");
     }
+    if (!scales.empty()) check_levels({g.size(2), g.size(3)}, {scales[k]}, mode, H, W);
     any = g;
-    j.terms.push_back(Term{dense_in(g, channels_last),
-                           level_axis(mode, antialias, align_corners, H, g.size(2), scales, k),
-                           level_axis(mode, antialias, align_corners, W, g.size(3), scales, k), true});
+    const auto [ah, aw] = axes(mode, antialias, align_corners, channels_last, C, H, W, g.size(2), g.size(3),
+                               scales.empty() ? 0.0 : scales[k]);
+    j.terms.push_back(Term{dense_in(g, channels_last), ah, aw, true});
   }
   TORCH_CHECK_VALUE(any.has_value(), "msfast: pyramid_backward needs at least one defined grad");
   j.dst = empty_output({N, C, H, W}, any->options().dtype(dtype), channels_last);
@@ -155,15 +185,12 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
   TORCH_CHECK_VALUE(!features.empty(), "msfast: features must be a non-empty list of tensors");
   TORCH_CHECK_VALUE(size.size() == 2 && size[0] >= 1 && size[1] >= 1,
                     "msfast: size must be (h, w) with both >= 1, got ", size);
-  const int mode = mode_from_string(mode_name);
-  TORCH_CHECK_VALUE(mode == kNearest || mode == kNearestExact || mode == kBilinear || mode == kBicubic,
-                    "msfast: upsample_concat supports modes 'bilinear', 'bicubic', 'nearest' and "
-                    "'nearest-exact', got '", mode_name, "'");
+  const int mode = concat_mode(mode_name);
   const auto& f0 = features[0];
   int64_t Ctot = 0;
   for (size_t i = 0; i < features.size(); ++i) {
     const auto& f = features[i];
-    check_4d(f, "features[i]");
+    check_4d(f, ("features[" + std::to_string(i) + "]").c_str());
     TORCH_CHECK_TYPE(is_float_type(f.scalar_type()), "msfast: features must be floating, got ", f.scalar_type(),
                      " at index ", i);
     TORCH_CHECK_TYPE(f.scalar_type() == f0.scalar_type(), "msfast: features must share one dtype: features[0] is ",
@@ -201,8 +228,8 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
     Job j;
     j.dst = dst.narrow(1, c0, f.size(1));
     j.channels_last = cl;
-    j.terms.push_back(Term{dense_in(f, cl), Axis{mode, false, align_corners, f.size(2), H, 0.0},
-                           Axis{mode, false, align_corners, f.size(3), W, 0.0}, false});
+    const auto [ah, aw] = axes(mode, false, align_corners, cl, f.size(1), f.size(2), f.size(3), H, W, 0.0);
+    j.terms.push_back(Term{dense_in(f, cl), ah, aw, false});
     jobs.push_back(std::move(j));
     c0 += f.size(1);
   }
@@ -217,7 +244,7 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
   TORCH_CHECK_TYPE(is_float_type(grad.scalar_type()), "msfast: grad must be floating, got ", grad.scalar_type());
   TORCH_CHECK_VALUE(!feature_shapes.empty() && feature_shapes.size() % 3 == 0,
                     "msfast: feature_shapes must hold (C, H, W) per feature, got ", feature_shapes);
-  const int mode = mode_from_string(mode_name);
+  const int mode = concat_mode(mode_name);
   const int64_t N = grad.size(0), H = grad.size(2), W = grad.size(3);
   int64_t Ctot = 0;
   for (size_t i = 0; i < feature_shapes.size(); i += 3) Ctot += feature_shapes[i];
@@ -232,8 +259,8 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
     Job j;
     j.dst = empty_output({N, C, h, w}, grad.options(), channels_last);
     j.channels_last = channels_last;
-    j.terms.push_back(Term{g.narrow(1, c0, C), Axis{mode, false, align_corners, h, H, 0.0},
-                           Axis{mode, false, align_corners, w, W, 0.0}, true});
+    const auto [ah, aw] = axes(mode, false, align_corners, channels_last, C, h, w, H, W, 0.0);
+    j.terms.push_back(Term{g.narrow(1, c0, C), ah, aw, true});
     outs.push_back(j.dst);
     jobs.push_back(std::move(j));
     c0 += C;
@@ -248,16 +275,16 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
 // kernels and autograd formulas are registered from Python (msfast/_ops.py).
 TORCH_LIBRARY(msfast, m) {
   m.def(
-      "pyramid(Tensor x, SymInt[] sizes, float[] scales, str mode, bool antialias, bool align_corners, "
+      "pyramid(Tensor x, SymInt[] sizes, float[]? scales, str interpolation, bool antialias, bool align_corners, "
       "float[]? mean, float[]? std, ScalarType? out_dtype) -> Tensor[]");
   m.def(
-      "pyramid_backward(Tensor?[] grads, SymInt[] input_shape, float[] scales, str mode, bool antialias, "
+      "pyramid_backward(Tensor?[] grads, SymInt[] input_shape, float[]? scales, str interpolation, bool antialias, "
       "bool align_corners, float[]? std, ScalarType dtype, bool channels_last) -> Tensor");
-  m.def("upsample_concat(Tensor[] features, SymInt[] size, str mode, bool align_corners) -> Tensor");
+  m.def("upsample_concat(Tensor[] features, SymInt[] size, str interpolation, bool align_corners) -> Tensor");
   m.def(
-      "upsample_concat.out(Tensor[] features, SymInt[] size, str mode, bool align_corners, *, "
-      "Tensor(a!) out) -> Tensor(a!)");
+      "upsample_concat.out(Tensor[] features, SymInt[] size, str interpolation, bool align_corners, *, "
+      "Tensor(a!) out) -> ()");
   m.def(
-      "upsample_concat_backward(Tensor grad, SymInt[] feature_shapes, str mode, bool align_corners, "
+      "upsample_concat_backward(Tensor grad, SymInt[] feature_shapes, str interpolation, bool align_corners, "
       "bool channels_last) -> Tensor[]");
 }

@@ -131,7 +131,7 @@ def pyramid(
     if not _use_kernels(x.device):
         return reference.pyramid(x, scales, sizes, mode=mode, antialias=antialias, align_corners=align_corners,
                                  mean=mean, std=std, out_dtype=out_dtype)
-    return torch.ops.msfast.pyramid(x, _flat(a.sizes), a.scales or [], a.mode, a.antialias, a.align_corners,
+    return torch.ops.msfast.pyramid(x, _flat(a.sizes), a.scales, a.mode, a.antialias, a.align_corners,
                                     a.mean, a.std, a.out_dtype)
 
 
@@ -165,7 +165,8 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
             "msfast.upsample_concat(out=...) does not support automatic differentiation: "
             "call it without out= when the features require grad"
         )
-    return torch.ops.msfast.upsample_concat.out(features, list(size), mode, align_corners, out=out)
+    torch.ops.msfast.upsample_concat.out(features, list(size), mode, align_corners, out=out)
+    return out
 
 
 # --------------------------------------------------------------- fake kernels, autograd
@@ -173,7 +174,7 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
 if _C is not None:
 
     @torch.library.register_fake("msfast::pyramid")
-    def _pyramid_fake(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype):
+    def _pyramid_fake(x, sizes, scales, interpolation, antialias, align_corners, mean, std, out_dtype):
         dt = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
         fmt = _layout(is_channels_last(x))
         N, C = x.shape[0], x.shape[1]
@@ -183,30 +184,43 @@ if _C is not None:
         ]
 
     @torch.library.register_fake("msfast::pyramid_backward")
-    def _pyramid_backward_fake(grads, input_shape, scales, mode, antialias, align_corners, std, dtype,
+    def _pyramid_backward_fake(grads, input_shape, scales, interpolation, antialias, align_corners, std, dtype,
                                channels_last):
         g = next(g for g in grads if g is not None)
         return torch.empty(list(input_shape), dtype=dtype, device=g.device, memory_format=_layout(channels_last))
 
+    def _same_device(tensors):
+        # A meta tensor among CPU ones dispatches here rather than to the CPU kernel, which
+        # would have rejected the mix: reject it here too.
+        devs = {t.device for t in tensors}
+        if len(devs) > 1:
+            raise ValueError(f"msfast: all tensors must be on one device, got {sorted(map(str, devs))}")
+
     @torch.library.register_fake("msfast::upsample_concat")
-    def _concat_fake(features, size, mode, align_corners):
+    def _concat_fake(features, size, interpolation, align_corners):
+        _same_device(features)
         f0 = features[0]
         C = sum(f.shape[1] for f in features)
         return torch.empty((f0.shape[0], C, size[0], size[1]), dtype=f0.dtype, device=f0.device,
                            memory_format=_layout(is_channels_last(f0)))
 
     @torch.library.register_fake("msfast::upsample_concat.out")
-    def _concat_out_fake(features, size, mode, align_corners, *, out):
-        return out
+    def _concat_out_fake(features, size, interpolation, align_corners, *, out):
+        _same_device(features + [out])
 
     @torch.library.register_fake("msfast::upsample_concat_backward")
-    def _concat_backward_fake(grad, feature_shapes, mode, align_corners, channels_last):
+    def _concat_backward_fake(grad, feature_shapes, interpolation, align_corners, channels_last):
         fmt = _layout(channels_last)
         return [
             torch.empty((grad.shape[0], *feature_shapes[i : i + 3]), dtype=grad.dtype, device=grad.device,
                         memory_format=fmt)
             for i in range(0, len(feature_shapes), 3)
         ]
+
+    def _no_grad(v):
+        # The gradient slot of a non-tensor argument: autograd wants an empty list back for an
+        # empty list (a raw call may pass scales=[]), None otherwise.
+        return [] if isinstance(v, (list, tuple)) and len(v) == 0 else None
 
     # pyramid: grad_x = sum_k R_k^T(grad_k) / std, one fused gather.
     def _pyramid_setup(ctx, inputs, output):
@@ -215,9 +229,9 @@ if _C is not None:
 
     def _pyramid_bwd(ctx, grads):
         shape, scales, mode, antialias, align_corners, std, dtype, cl = ctx.args
-        gx = torch.ops.msfast.pyramid_backward(list(grads), shape, scales, mode, antialias, align_corners, std,
-                                               dtype, cl)
-        return gx, None, None, None, None, None, None, None, None
+        gx = torch.ops.msfast.pyramid_backward(list(grads), shape, scales or None, mode, antialias, align_corners,
+                                               std, dtype, cl)
+        return gx, None, _no_grad(scales), None, None, None, None, None, None
 
     torch.library.register_autograd("msfast::pyramid", _pyramid_bwd, setup_context=_pyramid_setup)
 
@@ -234,12 +248,12 @@ if _C is not None:
         out = [None] * len(ctx.levels)
         if gg is not None and live:
             sizes = _flat([ctx.levels[k][:2] for k in live])
-            sc = [scales[k] for k in live] if scales else []
+            sc = [scales[k] for k in live] if scales else None
             res = torch.ops.msfast.pyramid(gg, sizes, sc, mode, antialias, align_corners, None, std,
                                            ctx.levels[live[0]][2])
             for k, r in zip(live, res):
                 out[k] = r
-        return out, None, None, None, None, None, None, None, None
+        return out, None, _no_grad(scales), None, None, None, None, None, None
 
     torch.library.register_autograd("msfast::pyramid_backward", _pyramid_backward_bwd,
                                     setup_context=_pyramid_backward_setup)

@@ -39,11 +39,18 @@ def pyramid(x, scales=None, sizes=None, *, mode="bilinear", antialias=None, alig
             std=None, out_dtype=None):
     """See msfast.pyramid."""
     a = pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype)
-    xn = normalize(x, a.out_dtype, a.mean, a.std)
+    # ATen has no CPU antialias kernel for float16/bfloat16: there the levels are computed in
+    # float32 and rounded once at the end (which is also what msfast's kernels do).
+    work = a.out_dtype
+    if a.antialias and x.device.type == "cpu" and work in (torch.float16, torch.bfloat16):
+        work = torch.float32
+    xn = normalize(x, work, a.mean, a.std)
     kw = _interp_kwargs(a.mode, a.align_corners, a.antialias)
     if a.scales is not None:
-        return [F.interpolate(xn, scale_factor=s, **kw) for s in a.scales]
-    return [F.interpolate(xn, size=hw, **kw) for hw in a.sizes]
+        levels = [F.interpolate(xn, scale_factor=s, **kw) for s in a.scales]
+    else:
+        levels = [F.interpolate(xn, size=hw, **kw) for hw in a.sizes]
+    return levels if work == a.out_dtype else [lv.to(a.out_dtype) for lv in levels]
 
 
 def upsample_concat(features, size, *, mode="bilinear", align_corners=None, out=None):

@@ -37,11 +37,11 @@ template <typename acc_t>
 struct JobPlan {
   View dst;
   std::vector<TermPlan<acc_t>> terms;
-  // The per-channel affine laid out like one output run (see RowShape): for channels_last
-  // the channel pattern repeated along the row, so the write is one vectorizable loop.
+  // The per-channel affine laid out like the longest output run (see for_runs): for
+  // channels_last the channel pattern repeated along it, so the write is one vector loop.
   std::vector<acc_t> scale_run, shift_run;
   std::vector<acc_t> scale, shift;
-  bool direct = false;  // dst rows are packed acc_t with no affine: compute in place
+  bool direct = false;  // dst is acc_t with no affine: rows are computed in place
 };
 
 template <typename acc_t>
@@ -52,50 +52,66 @@ bool is_unit(const Table<acc_t>& t) {
   return true;
 }
 
-// Visits a row of a view as `runs` runs of `len` contiguous values, `step` elements apart:
-// one run when the pixels are packed (NCHW, or channels_last with px == C), one run per
-// pixel when they are not (a channel slice of a channels_last tensor).
-struct RowShape {
-  int64_t runs, len, step;
+// A row of W pixels of cp contiguous values, px elements apart (px > cp for a channel slice
+// of a channels_last tensor). Loops over a (source, destination) pair of rows run as one
+// long vectorizable run when both are packed, else one run per pixel.
+struct Row {
+  int64_t W, cp, px;
+  bool packed() const { return px == cp; }
 };
-inline RowShape row_shape(const View& v) {
-  if (v.px == v.cp) return {1, v.W * v.cp, 0};
-  return {v.W, v.cp, v.px};
+inline Row row_of(const View& v) { return {v.W, v.cp, v.px}; }
+inline Row packed_row(int64_t W, int64_t cp) { return {W, cp, cp}; }
+
+template <typename F>
+inline void for_runs(const Row& a, const Row& b, F&& f) {
+  if (a.packed() && b.packed()) return f(int64_t{0}, int64_t{0}, a.W * a.cp);
+  for (int64_t x = 0; x < a.W; ++x) f(x * a.px, x * b.px, a.cp);
 }
 
-template <bool kAccumulate, typename src_t, typename acc_t>
-inline void axpy_row(const src_t* __restrict__ r, const RowShape& s, acc_t w, acc_t* __restrict__ tmp) {
-  for (int64_t x = 0; x < s.runs; ++x) {
-    const src_t* __restrict__ rr = r + x * s.step;
-    acc_t* __restrict__ t = tmp + x * s.len;
-    for (int64_t c = 0; c < s.len; ++c) {
-      const acc_t v = w * static_cast<acc_t>(rr[c]);
-      t[c] = kAccumulate ? t[c] + v : v;
+// d (+)= w * s, elementwise over a row.
+template <bool kAdd, typename src_t, typename acc_t>
+inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd) {
+  for_runs(rs, rd, [&](int64_t so, int64_t dof, int64_t len) {
+    const src_t* __restrict__ a = s + so;
+    acc_t* __restrict__ b = d + dof;
+    for (int64_t c = 0; c < len; ++c) {
+      const acc_t v = w * static_cast<acc_t>(a[c]);
+      b[c] = kAdd ? b[c] + v : v;
     }
-  }
+  });
 }
 
+// out (+)= sum_k wh[k] * src_row(y0 + k): the vertical pass of output row oy.
 template <typename src_t, typename acc_t>
-void vertical(const src_t* plane, const View& v, const Table<acc_t>& th, int64_t oy, acc_t* tmp) {
-  const RowShape s = row_shape(v);
+void vertical(const src_t* plane, const View& v, const Table<acc_t>& th, int64_t oy, bool add, acc_t* out,
+              const Row& ro) {
+  const Row rs = row_of(v);
   const int64_t y0 = th.start[oy];
   const acc_t* w = th.w.data() + oy * th.K;
-  axpy_row<false>(plane + y0 * v.row, s, w[0], tmp);
-  for (int64_t k = 1; k < th.K; ++k) axpy_row<true>(plane + (y0 + k) * v.row, s, w[k], tmp);
+  if (add) {
+    axpy<true>(plane + y0 * v.row, rs, w[0], out, ro);
+  } else {
+    axpy<false>(plane + y0 * v.row, rs, w[0], out, ro);
+  }
+  for (int64_t k = 1; k < th.K; ++k) axpy<true>(plane + (y0 + k) * v.row, rs, w[k], out, ro);
 }
 
+// out[ox] (+)= sum_k ww[k] * tmp[x0 + k] per channel: the horizontal gather. tmp is a packed
+// row of cp values per pixel; out pixels are opx apart.
 // KW > 0: the table has exactly KW taps (the common 1, 2, 3, 4), so the tap loop unrolls;
 // CP > 0: CP values per pixel (1: NCHW, 3: RGB channels_last), so the channel loop unrolls.
 template <int KW, int CP, bool kAdd, typename acc_t>
-void horizontal_impl(const acc_t* __restrict__ tmp, const Table<acc_t>& tw, int64_t cp, acc_t* __restrict__ acc) {
+void horizontal_impl(const acc_t* __restrict__ tmp, const Table<acc_t>& tw, int64_t cp, acc_t* __restrict__ out,
+                     int64_t opx) {
   const int64_t K = KW > 0 ? KW : tw.K;
   const int64_t n = CP > 0 ? CP : cp;
+  const int64_t op = CP == 1 ? 1 : opx;
   const int64_t* __restrict__ start = tw.start.data();
   const acc_t* __restrict__ wt = tw.w.data();
   for (int64_t ox = 0; ox < tw.out; ++ox) {
     const acc_t* __restrict__ t = tmp + start[ox] * n;
     const acc_t* __restrict__ w = wt + ox * K;
-    acc_t* __restrict__ a = acc + ox * n;
+    acc_t* __restrict__ a = out + ox * op;
     for (int64_t c = 0; c < n; ++c) {
       acc_t s = w[0] * t[c];
       for (int64_t k = 1; k < K; ++k) s += w[k] * t[k * n + c];
@@ -105,11 +121,11 @@ void horizontal_impl(const acc_t* __restrict__ tmp, const Table<acc_t>& tw, int6
 }
 
 template <bool kAdd, typename acc_t>
-void horizontal_k(const acc_t* tmp, const Table<acc_t>& tw, int64_t cp, acc_t* acc) {
-#define MSFAST_H(KW)                                                 \
-  if (cp == 1) return horizontal_impl<KW, 1, kAdd>(tmp, tw, cp, acc); \
-  if (cp == 3) return horizontal_impl<KW, 3, kAdd>(tmp, tw, cp, acc); \
-  return horizontal_impl<KW, 0, kAdd>(tmp, tw, cp, acc);
+void horizontal_k(const acc_t* tmp, const Table<acc_t>& tw, int64_t cp, acc_t* out, int64_t opx) {
+#define MSFAST_H(KW)                                                              \
+  if (cp == 1 && opx == 1) return horizontal_impl<KW, 1, kAdd>(tmp, tw, cp, out, opx); \
+  if (cp == 3) return horizontal_impl<KW, 3, kAdd>(tmp, tw, cp, out, opx);             \
+  return horizontal_impl<KW, 0, kAdd>(tmp, tw, cp, out, opx);
   switch (tw.K) {
     case 1: MSFAST_H(1)
     case 2: MSFAST_H(2)
@@ -121,39 +137,31 @@ void horizontal_k(const acc_t* tmp, const Table<acc_t>& tw, int64_t cp, acc_t* a
 }
 
 template <typename acc_t>
-void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* acc) {
+void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* out, const Row& ro) {
   if (tp.h_unit) {
-    const int64_t n = tp.tw.out * tp.v.cp;
-    if (add) {
-      for (int64_t i = 0; i < n; ++i) acc[i] += tmp[i];
-    } else {
-      std::copy(tmp, tmp + n, acc);
-    }
-    return;
+    const Row rt = packed_row(ro.W, ro.cp);
+    if (add) return axpy<true>(tmp, rt, acc_t(1), out, ro);
+    return axpy<false>(tmp, rt, acc_t(1), out, ro);
   }
-  if (add) return horizontal_k<true>(tmp, tp.tw, tp.v.cp, acc);
-  horizontal_k<false>(tmp, tp.tw, tp.v.cp, acc);
+  if (add) return horizontal_k<true>(tmp, tp.tw, tp.v.cp, out, ro.px);
+  horizontal_k<false>(tmp, tp.tw, tp.v.cp, out, ro.px);
 }
 
-// One output row of a term, accumulated into acc (or assigned when !add).
+// Computes one output row of a term into `out` (pixels ro.px apart), assigning or adding.
 template <typename src_t, typename acc_t>
 struct RowMaker {
-  std::vector<acc_t> tmp;   // one source row in acc_t
-  std::vector<acc_t> ring;  // h_first: horizontally resampled source rows, R >= K slots
+  std::vector<acc_t> tmp;    // one source row in acc_t, packed
+  std::vector<acc_t> ring;   // h_first: horizontally resampled source rows, R >= K slots
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
   int64_t mask = 0;          // R - 1; R is a power of two so a slot is y & mask
 
-  void run(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, bool add, acc_t* acc) {
+  void run(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, bool add, acc_t* out, const Row& ro) {
     const View& v = tp.v;
     if (!tp.h_first) {
-      if (tp.h_unit && !add) {  // the vertical pass already gives the output row
-        vertical(plane, v, tp.th, oy, acc);
-        return;
-      }
+      if (tp.h_unit) return vertical(plane, v, tp.th, oy, add, out, ro);  // already the output row
       if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
-      vertical(plane, v, tp.th, oy, tmp.data());
-      horizontal(tp, tmp.data(), add, acc);
-      return;
+      vertical(plane, v, tp.th, oy, false, tmp.data(), packed_row(v.W, v.cp));
+      return horizontal(tp, tmp.data(), add, out, ro);
     }
     const int64_t K = tp.th.K, n = tp.tw.out * v.cp, y0 = tp.th.start[oy];
     int64_t R = 1;
@@ -163,22 +171,22 @@ struct RowMaker {
       tag.assign(R, -1);
       mask = R - 1;
     }
+    const Row rr = packed_row(tp.tw.out, v.cp);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t y = y0 + k, slot = y & mask;
       if (tag[slot] == y) continue;
       if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
-      axpy_row<false>(plane + y * v.row, row_shape(v), acc_t(1), tmp.data());
-      horizontal(tp, tmp.data(), false, ring.data() + slot * n);
+      axpy<false>(plane + y * v.row, row_of(v), acc_t(1), tmp.data(), packed_row(v.W, v.cp));
+      horizontal(tp, tmp.data(), false, ring.data() + slot * n, rr);
       tag[slot] = y;
     }
     const acc_t* w = tp.th.w.data() + oy * K;
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t* __restrict__ r = ring.data() + ((y0 + k) & mask) * n;
-      const acc_t wk = w[k];
+      const acc_t* r = ring.data() + ((y0 + k) & mask) * n;
       if (k == 0 && !add) {
-        for (int64_t i = 0; i < n; ++i) acc[i] = wk * r[i];
+        axpy<false>(r, rr, w[k], out, ro);
       } else {
-        for (int64_t i = 0; i < n; ++i) acc[i] += wk * r[i];
+        axpy<true>(r, rr, w[k], out, ro);
       }
     }
   }
@@ -186,26 +194,25 @@ struct RowMaker {
   void new_plane() { std::fill(tag.begin(), tag.end(), -1); }
 };
 
+// dst_row = cast(acc * scale[c] + shift[c]), acc a packed row.
 template <typename dst_t, typename acc_t>
-void write_row(dst_t* __restrict__ out, const View& d, int64_t plane, const acc_t* __restrict__ acc,
-               const JobPlan<acc_t>& j) {
-  const RowShape s = row_shape(d);
+void write_row(dst_t* out, const View& d, int64_t plane, const acc_t* acc, const JobPlan<acc_t>& j) {
   const bool affine = !j.scale.empty();
-  for (int64_t x = 0; x < s.runs; ++x) {
-    dst_t* __restrict__ o = out + x * s.step;
-    const acc_t* __restrict__ a = acc + x * s.len;
+  const int64_t ch = plane % d.pdiv;  // NCHW: the whole row is one channel
+  for_runs(packed_row(d.W, d.cp), row_of(d), [&](int64_t ao, int64_t oo, int64_t len) {
+    dst_t* __restrict__ o = out + oo;
+    const acc_t* __restrict__ a = acc + ao;
     if (!affine) {
-      for (int64_t c = 0; c < s.len; ++c) o[c] = static_cast<dst_t>(a[c]);
-    } else if (!d.cl) {  // NCHW: the whole row is one channel
-      const int64_t ch = plane % d.pdiv;
+      for (int64_t c = 0; c < len; ++c) o[c] = static_cast<dst_t>(a[c]);
+    } else if (!d.cl) {
       const acc_t m = j.scale[ch], b = j.shift[ch];
-      for (int64_t c = 0; c < s.len; ++c) o[c] = static_cast<dst_t>(a[c] * m + b);
+      for (int64_t c = 0; c < len; ++c) o[c] = static_cast<dst_t>(a[c] * m + b);
     } else {  // channels_last: the channel pattern laid out along the run
       const acc_t* __restrict__ m = j.scale_run.data();
       const acc_t* __restrict__ b = j.shift_run.data();
-      for (int64_t c = 0; c < s.len; ++c) o[c] = static_cast<dst_t>(a[c] * m[c] + b[c]);
+      for (int64_t c = 0; c < len; ++c) o[c] = static_cast<dst_t>(a[c] * m[c] + b[c]);
     }
-  }
+  });
 }
 
 template <typename src_t, typename dst_t, typename acc_t>
@@ -219,7 +226,7 @@ void run_typed(const std::vector<Job>& jobs) {
     for (double v : job.scale) p.scale.push_back(static_cast<acc_t>(v));
     for (double v : job.shift) p.shift.push_back(static_cast<acc_t>(v));
     if (!p.scale.empty() && p.dst.cl) {
-      const int64_t len = row_shape(p.dst).len;
+      const int64_t len = p.dst.px == p.dst.cp ? p.dst.W * p.dst.cp : p.dst.cp;
       for (int64_t i = 0; i < len; ++i) {
         p.scale_run.push_back(p.scale[i % p.dst.cp]);
         p.shift_run.push_back(p.shift[i % p.dst.cp]);
@@ -238,7 +245,7 @@ void run_typed(const std::vector<Job>& jobs) {
       tp.h_first = !tp.h_unit && tp.th.in < tp.th.out;
       p.terms.push_back(std::move(tp));
     }
-    p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty() && row_shape(p.dst).runs == 1;
+    p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty();
     max_acc = std::max(max_acc, p.dst.W * p.dst.cp);
     total_values += p.dst.planes * p.dst.H * p.dst.W * p.dst.cp;
     first_item.push_back(first_item.back() + p.dst.planes * p.dst.H);
@@ -274,7 +281,8 @@ void run_typed(const std::vector<Job>& jobs) {
           dst_t* row = out + oy * p.dst.row;
           // When the row needs no conversion, accumulate straight into the output.
           acc_t* a = p.direct ? reinterpret_cast<acc_t*>(row) : acc.data();
-          for (size_t t = 0; t < p.terms.size(); ++t) makers[t].run(p.terms[t], src[t], oy, t > 0, a);
+          const Row ra = p.direct ? row_of(p.dst) : packed_row(p.dst.W, p.dst.cp);
+          for (size_t t = 0; t < p.terms.size(); ++t) makers[t].run(p.terms[t], src[t], oy, t > 0, a, ra);
           if (!p.direct) write_row(row, p.dst, plane, a, p);
         }
         ++plane;

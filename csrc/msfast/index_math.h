@@ -33,12 +33,26 @@ enum Mode : int {
 template <typename T>
 MSFAST_HD T msf_min(T a, T b) { return a < b ? a : b; }
 template <typename T>
+MSFAST_HD T msf_fma(T a, T b, T c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+template <typename T>
 MSFAST_HD T msf_max(T a, T b) { return a < b ? b : a; }
 
 // One axis of a resize: everything needed to compute its taps.
 // `scale_opt` is the user's scale factor (output / input) when the level was given by
 // scale, and <= 0 when it was given by size; ATen uses 1 / scale_factor in that case, not
 // in / out, and the two differ (7 * 0.6 -> 4 pixels, ratio 1.667 against 1.75).
+//
+// `cl_nearest` picks between ATen's two CPU nearest kernels, whose index formulas differ in
+// rounding: its channels-last kernel (nearest_idx / nearest_exact_idx, taken when the input
+// is channels_last with C > 3, or when out_h + out_w <= 128) and its generic one (the
+// HelperInterpNearest formulas). msfast follows the same rule, so nearest modes are
+// bitwise equal to F.interpolate on the CPU.
 struct Axis {
   int mode;
   bool antialias;
@@ -46,6 +60,7 @@ struct Axis {
   int64_t in;
   int64_t out;
   double scale_opt;
+  bool cl_nearest = false;
 };
 
 // ATen's compute_scales_value.
@@ -117,21 +132,33 @@ template <typename T>
 MSFAST_HD int64_t axis_taps(const Axis& a, int64_t o, int64_t* first, T* w) {
   const int64_t last = a.in - 1;
   if (a.mode == kNearest || a.mode == kNearestExact) {
-    int64_t i;
-    if (a.mode == kNearest && a.out == a.in) {
-      i = o;
-    } else if (a.mode == kNearest && a.out == 2 * a.in) {
-      i = o >> 1;
-    } else {
+    float f;
+    if (a.cl_nearest) {
+      // nearest_idx / nearest_exact_idx: a float scale, shortcuts for 1x and 2x, and
+      // (o + 0.5) * s in double for nearest-exact; floorf rounds to float first.
       const float s = scales_value<float>(a);
-      // ATen: nearest multiplies in float; nearest-exact computes (o + 0.5) * s in double,
-      // then floorf rounds that to float.
-      const float f = a.mode == kNearest
-                          ? static_cast<float>(o) * s
-                          : static_cast<float>((static_cast<double>(o) + 0.5) * s);
-      i = msf_min<int64_t>(static_cast<int64_t>(floorf(f)), last);
+      if (a.mode == kNearest && a.out == a.in) {
+        f = static_cast<float>(o);
+      } else if (a.mode == kNearest && a.out == 2 * a.in) {
+        f = static_cast<float>(o >> 1);
+      } else {
+        f = a.mode == kNearest ? static_cast<float>(o) * s
+                               : static_cast<float>((static_cast<double>(o) + 0.5) * s);
+      }
+    } else {
+      // HelperInterpNearest(Exact): the scale in the op type; exact rounds src + 0.5.
+      const T s = scales_value<T>(a);
+      if (a.mode == kNearest) {
+        f = static_cast<float>(s * static_cast<T>(o));
+      } else {
+        // s * (o + 0.5) - 0.5, fused as ATen's FMA builds compile it: the one rounding
+        // decides ties such as row 20 of 2 -> 41 rows (20.5 * 2 / 41 == 1 exactly).
+        T src = msf_fma<T>(s, static_cast<T>(o) + T(0.5), T(-0.5));
+        src = src < T(0) ? T(0) : src;
+        f = static_cast<float>(static_cast<double>(src) + 0.5);
+      }
     }
-    *first = i;
+    *first = msf_min<int64_t>(static_cast<int64_t>(floorf(f)), last);
     w[0] = T(1);
     return 1;
   }

@@ -69,29 +69,30 @@ namespace msfast {
 // backends register through this one template, so their signatures cannot differ.
 template <Runner run>
 struct Kernels {
-  static std::vector<at::Tensor> pyramid(const at::Tensor& x, at::IntArrayRef sizes, at::ArrayRef<double> scales,
+  static std::vector<at::Tensor> pyramid(const at::Tensor& x, at::IntArrayRef sizes,
+                                         std::optional<at::ArrayRef<double>> scales,
                                          std::string mode, bool antialias, bool align_corners,
                                          std::optional<at::ArrayRef<double>> mean,
                                          std::optional<at::ArrayRef<double>> std,
                                          std::optional<at::ScalarType> out_dtype) {
-    return pyramid_impl(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype, run);
+    return pyramid_impl(x, sizes, scales.value_or(at::ArrayRef<double>{}), mode, antialias, align_corners, mean,
+                        std, out_dtype, run);
   }
   static at::Tensor pyramid_backward(const c10::List<std::optional<at::Tensor>>& grads, at::IntArrayRef input_shape,
-                                     at::ArrayRef<double> scales, std::string mode, bool antialias,
-                                     bool align_corners, std::optional<at::ArrayRef<double>> std,
+                                     std::optional<at::ArrayRef<double>> scales, std::string mode,
+                                     bool antialias, bool align_corners, std::optional<at::ArrayRef<double>> std,
                                      at::ScalarType dtype, bool channels_last) {
     std::vector<std::optional<at::Tensor>> g(grads.begin(), grads.end());
-    return pyramid_backward_impl(g, input_shape, scales, mode, antialias, align_corners, std, dtype,
+    return pyramid_backward_impl(g, input_shape, scales.value_or(at::ArrayRef<double>{}), mode, antialias, align_corners, std, dtype,
                                  channels_last, run);
   }
   static at::Tensor upsample_concat(const std::vector<at::Tensor>& features, at::IntArrayRef size, std::string mode,
                                     bool align_corners) {
     return upsample_concat_impl(features, size, mode, align_corners, std::nullopt, run);
   }
-  static at::Tensor& upsample_concat_out(const std::vector<at::Tensor>& features, at::IntArrayRef size,
-                                         std::string mode, bool align_corners, at::Tensor& out) {
+  static void upsample_concat_out(const std::vector<at::Tensor>& features, at::IntArrayRef size, std::string mode,
+                                  bool align_corners, at::Tensor& out) {
     upsample_concat_impl(features, size, mode, align_corners, out, run);
-    return out;
   }
   static std::vector<at::Tensor> upsample_concat_backward(const at::Tensor& grad, at::IntArrayRef feature_shapes,
                                                           std::string mode, bool align_corners, bool channels_last) {

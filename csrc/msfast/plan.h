@@ -56,6 +56,20 @@ Table<T> forward_table(const Axis& a) {
       first[o] += lead;
       count[o] -= lead;
     }
+    // Keep every tap inside the input whatever the arguments (the operators check that sizes
+    // and scales agree; this makes a disagreement a wrong value, never a wild read).
+    if (first[o] < 0 || first[o] + count[o] > a.in) {
+      const int64_t lo = std::max<int64_t>(first[o], 0), hi = std::min<int64_t>(first[o] + count[o], a.in);
+      if (hi <= lo) {
+        first[o] = std::min<int64_t>(std::max<int64_t>(first[o], 0), a.in - 1);
+        count[o] = 1;
+        w[0] = T(0);
+      } else {
+        for (int64_t k = lo; k < hi; ++k) w[k - lo] = w[k - first[o]];
+        first[o] = lo;
+        count[o] = hi - lo;
+      }
+    }
     K = std::max(K, count[o]);
   }
   t.K = K;

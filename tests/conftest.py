@@ -1,0 +1,183 @@
+"""Shared helpers for the msfast test suite.
+
+- ``tol(dtype)``: (rtol, atol) that fit a dtype.
+- ``ref_pyramid`` / ``ref_upsample_concat``: the pure-PyTorch oracle (msfast.reference), computed in
+  float32 and cast back when PyTorch has no CPU kernel for a half type.
+- ``device`` fixture: "cpu", plus "cuda" (marked ``cuda``) that skips cleanly without a GPU or
+  without compiled msfast CUDA kernels.
+- ``gen`` fixture: a fixed-seed torch.Generator per test; ``randn`` / ``randint_u8`` draw from it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import msfast
+from msfast import reference
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+HALF_TYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
+CONCAT_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact")
+INTERPOLATING = ("bilinear", "bicubic")
+
+CUDA_OK = torch.cuda.is_available() and msfast.kernels_available("cuda")
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no msfast CUDA kernels")],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fresh generator with a fixed seed: every test draws its own reproducible inputs."""
+    return torch.Generator().manual_seed(1234)
+
+
+def tol(dtype: torch.dtype, upscale: bool = False) -> dict:
+    """rtol / atol for comparing msfast with the reference in ``dtype`` (the output dtype).
+
+    ``upscale``: float32 results of upscaled randn data get a slightly larger atol (bicubic
+    overshoot amplifies the rounding differences of the two summation orders).
+    """
+    if dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-10}
+    if dtype == torch.float32:
+        return {"rtol": 1.3e-6, "atol": 2e-5 if upscale else 1e-5}
+    if dtype == torch.bfloat16:
+        return {"rtol": 1.6e-2, "atol": 2e-2}
+    if dtype == torch.float16:
+        return {"rtol": 1e-3, "atol": 2e-3}
+    raise AssertionError(f"no tolerance for {dtype}")
+
+
+# float32 gradients against the reference: adjoints sum many taps, so allow a little more.
+GRAD_TOL = {"rtol": 1e-5, "atol": 1e-4}
+
+
+def randn(gen: torch.Generator, *shape, dtype=torch.float32, device="cpu", channels_last=False,
+          requires_grad=False) -> torch.Tensor:
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(requires_grad)
+
+
+def randint_u8(gen: torch.Generator, *shape, device="cpu", channels_last=False) -> torch.Tensor:
+    t = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def make_input(gen, shape, dtype, device="cpu", layout="nchw") -> torch.Tensor:
+    """An input image batch: randn for float dtypes, random bytes for uint8.
+
+    layout: "nchw", "channels_last", or "nhwc_permuted" (a [N, H, W, C] tensor viewed as NCHW).
+    """
+    N, C, H, W = shape
+    if layout == "nhwc_permuted":
+        if dtype == torch.uint8:
+            nhwc = torch.randint(0, 256, (N, H, W, C), generator=gen, dtype=torch.uint8)
+        else:
+            nhwc = torch.randn(N, H, W, C, generator=gen, dtype=torch.float64).to(dtype)
+        return nhwc.to(device).permute(0, 3, 1, 2)
+    cl = layout == "channels_last"
+    if dtype == torch.uint8:
+        return randint_u8(gen, *shape, device=device, channels_last=cl)
+    return randn(gen, *shape, dtype=dtype, device=device, channels_last=cl)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _not_implemented_for_half(e: RuntimeError) -> bool:
+    msg = str(e)
+    return "not implemented for 'Half'" in msg or "not implemented for 'BFloat16'" in msg
+
+
+def ref_pyramid(x, scales=None, sizes=None, **kw):
+    """msfast.reference.pyramid; in float32 (then cast) where PyTorch lacks a half kernel."""
+    try:
+        return reference.pyramid(x, scales, sizes, **kw)
+    except RuntimeError as e:
+        if not _not_implemented_for_half(e):
+            raise
+    out_dtype = kw.get("out_dtype") or (torch.float32 if x.dtype == torch.uint8 else x.dtype)
+    kw = dict(kw, out_dtype=torch.float32)
+    xf = x if x.dtype == torch.uint8 else x.float()
+    return [r.to(out_dtype) for r in reference.pyramid(xf, scales, sizes, **kw)]
+
+
+def ref_upsample_concat(features, size, **kw):
+    """msfast.reference.upsample_concat; in float32 (then cast) where PyTorch lacks a half kernel."""
+    try:
+        return reference.upsample_concat(features, size, **kw)
+    except RuntimeError as e:
+        if not _not_implemented_for_half(e):
+            raise
+    dtype = features[0].dtype
+    return reference.upsample_concat([f.float() for f in features], size, **kw).to(dtype)
+
+
+def run_python(code: str, env_extra: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Runs ``python -c code`` from the repository root, returning the completed process."""
+    env = dict(os.environ)
+    env.pop("MSFAST_FORCE_FALLBACK", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def aa_weights(n_in: int, n_out: int, mode: str, align_corners: bool = False, scale_factor: float | None = None):
+    """The exact antialias resampling matrix [n_out, n_in] (float64) of one axis, written from the
+    definition (ATen's float formula: triangle / Keys a=-0.5 filter stretched by the scale, taps
+    normalized to sum to one). An oracle independent of F.interpolate."""
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    else:
+        scale = 1.0 / scale_factor if scale_factor else n_in / n_out
+    interp = 2 if mode == "bilinear" else 4
+    support = interp * 0.5 * scale if scale >= 1 else interp * 0.5
+    inv = 1.0 / scale if scale >= 1 else 1.0
+
+    def filt(x):
+        x = abs(x)
+        if mode == "bilinear":
+            return max(0.0, 1.0 - x)
+        a = -0.5
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2:
+            return (((x - 5) * x + 8) * x - 4) * a
+        return 0.0
+
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        w = [filt((j - center + 0.5) * inv) for j in range(lo, hi)]
+        total = sum(w)
+        for j, wj in zip(range(lo, hi), w):
+            m[i, j] = wj / total
+    return m

@@ -1,0 +1,60 @@
+"""The command line: ``python -m msfast info [--json]``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from conftest import REPO_ROOT
+
+import msfast
+
+
+def _run(*args, env=None):
+    full_env = dict(os.environ)
+    full_env.pop("MSFAST_FORCE_FALLBACK", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "msfast", *args], cwd=REPO_ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_info_text():
+    proc = _run("info")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[0]: line.split(None, 1)[1] if len(line.split()) > 1 else ""
+             for line in proc.stdout.splitlines() if line.strip()}
+    assert lines["fallback_active"].strip() == "False"
+    assert "cpu=yes" in lines["kernels"]
+    assert lines["msfast"].strip() == msfast.__version__
+    assert lines["torch"].strip() == torch.__version__
+
+
+def test_info_json():
+    proc = _run("info", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout)
+    assert info["fallback_active"] is False
+    assert info["fallback_reason"] is None
+    assert info["kernels"]["cpu"] is True
+    assert info["kernels"]["cuda"] is msfast.kernels_available("cuda")
+    assert info["msfast"] == msfast.__version__
+    assert info["torch"] == torch.__version__
+    assert info["threads"] >= 1
+
+
+def test_info_json_reports_forced_fallback():
+    proc = _run("info", "--json", env={"MSFAST_FORCE_FALLBACK": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout)
+    assert info["fallback_active"] is True
+    assert "MSFAST_FORCE_FALLBACK" in info["fallback_reason"]
+    assert info["kernels"] == {"cpu": False, "cuda": False}
+
+
+def test_no_command_is_a_usage_error():
+    proc = _run()
+    assert proc.returncode == 2
+    assert "usage" in proc.stderr.lower()

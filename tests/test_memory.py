@@ -1,0 +1,54 @@
+"""Large outputs (>= 1 MiB, served by msfast's CPU output cache): they stay valid while alive, are
+never handed out twice, and a reused block is fully rewritten."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from conftest import GRAD_TOL, randn, ref_pyramid, ref_upsample_concat, tol
+
+import msfast
+
+BIG = (1, 3, 256, 512)  # 1.5 MiB in float32
+
+
+def test_live_outputs_are_never_reused(device, gen):
+    x = randn(gen, *BIG, device=device)
+    first = msfast.pyramid(x, scales=[1.0, 0.75])
+    snapshot = [lv.clone() for lv in first]
+    ptrs = {lv.data_ptr() for lv in first}
+    for _ in range(3):
+        again = msfast.pyramid(randn(gen, *BIG, device=device), scales=[1.0, 0.75])
+        assert not ptrs & {lv.data_ptr() for lv in again}
+        del again
+    msfast.empty_cache()
+    gc.collect()
+    for lv, snap in zip(first, snapshot):
+        assert torch.equal(lv, snap)
+    for lv, r in zip(first, ref_pyramid(x, scales=[1.0, 0.75])):
+        torch.testing.assert_close(lv, r, **tol(torch.float32))
+
+
+def test_reused_blocks_are_fully_rewritten(device, gen):
+    for i in range(3):
+        x = randn(gen, *BIG, device=device) * (i + 1)
+        levels = msfast.pyramid(x, scales=[1.0, 0.5], mode="bicubic")
+        for lv, r in zip(levels, ref_pyramid(x, scales=[1.0, 0.5], mode="bicubic")):
+            torch.testing.assert_close(lv, r, **tol(torch.float32))
+        feats = [randn(gen, 1, 4, 64, 128, device=device) + i, randn(gen, 1, 4, 32, 64, device=device)]
+        out = msfast.upsample_concat(feats, (256, 256))
+        torch.testing.assert_close(out, ref_upsample_concat(feats, (256, 256)), **tol(torch.float32, upscale=True))
+        del levels, out
+    msfast.empty_cache()
+    msfast.empty_cache()  # idempotent
+
+
+def test_large_gradients(device, gen):
+    x = randn(gen, *BIG, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    for _ in range(2):
+        x.grad = xr.grad = None
+        sum(lv.sum() for lv in msfast.pyramid(x, scales=[1.0, 0.5])).backward()
+        sum(lv.sum() for lv in ref_pyramid(xr, scales=[1.0, 0.5])).backward()
+        torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL)

@@ -1,0 +1,176 @@
+"""msfast.upsample_concat against the pure-PyTorch reference: values, layouts, out=, slicing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CONCAT_MODES, FLOAT_DTYPES, INTERPOLATING, is_channels_last, randn, ref_upsample_concat, tol
+
+import msfast
+
+# (C, H, W) per feature: larger, smaller, equal to and 1x1 against the output sizes below;
+# odd sizes throughout, and one asymmetric map.
+FEATURES = [(3, 17, 23), (4, 9, 12), (2, 30, 41), (1, 1, 1), (5, 5, 40)]
+SIZES = [(17, 23), (1, 1), (5, 40), 8, (31, 7)]
+
+
+def _combos():
+    combos = []
+    for mode in CONCAT_MODES:
+        acs = [None, False, True] if mode in INTERPOLATING else [None]
+        combos += [(mode, ac) for ac in acs]
+    return combos
+
+
+COMBOS = _combos()
+
+
+def _features(gen, dtype, device, layout, specs=FEATURES, N=2, requires_grad=False):
+    feats = []
+    for i, (c, h, w) in enumerate(specs):
+        cl = layout == "channels_last" or (layout == "mixed" and i % 2 == 1)
+        feats.append(randn(gen, N, c, h, w, dtype=dtype, device=device, channels_last=cl,
+                           requires_grad=requires_grad))
+    return feats
+
+
+def _hw(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode,align_corners", COMBOS)
+def test_parity(mode, align_corners, dtype, layout, size, device, gen):
+    feats = _features(gen, dtype, device, layout)
+    out = msfast.upsample_concat(feats, size, mode=mode, align_corners=align_corners)
+    ref = ref_upsample_concat(feats, size, mode=mode, align_corners=align_corners)
+    h, w = _hw(size)
+    assert out.shape == (2, sum(c for c, _, _ in FEATURES), h, w)
+    assert out.dtype == dtype and out.device == feats[0].device
+    torch.testing.assert_close(out, ref, **tol(dtype, upscale=True))
+    if h * w > 1:
+        # channels_last exactly when features[0] is ("mixed" starts with an NCHW map).
+        assert is_channels_last(out) == (layout == "channels_last")
+        assert out.is_contiguous() == (layout != "channels_last")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
+def test_nearest_is_bitwise_exact_float32(mode, layout, device, gen):
+    feats = _features(gen, torch.float32, device, layout)
+    for size in SIZES:
+        out = msfast.upsample_concat(feats, size, mode=mode)
+        assert torch.equal(out, ref_upsample_concat(feats, size, mode=mode)), f"size {size}"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nearest_exact_is_bitwise_exact_wide_output(layout, device, gen):
+    """(20 + 0.5) * 2 / 41 == 1 exactly: row 20 of a 2 -> 41 resize must read input row 1 as in F.interpolate."""
+    f = randn(gen, 1, 2, 2, 40, device=device, channels_last=layout == "channels_last")
+    out = msfast.upsample_concat([f], (41, 99), mode="nearest-exact")
+    ref = ref_upsample_concat([f], (41, 99), mode="nearest-exact")
+    assert torch.equal(out, ref), f"{int((out != ref).sum())} of {out.numel()} values differ"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
+@pytest.mark.parametrize("mode,align_corners", COMBOS)
+def test_channel_slices_equal_single_feature_interpolation(mode, align_corners, layout, device, gen):
+    feats = _features(gen, torch.float64, device, layout)
+    size = (13, 19)
+    out = msfast.upsample_concat(feats, size, mode=mode, align_corners=align_corners)
+    c0 = 0
+    for i, f in enumerate(feats):
+        alone = F.interpolate(f, size=size, mode=mode, align_corners=align_corners)
+        torch.testing.assert_close(out[:, c0 : c0 + f.shape[1]], alone, **tol(torch.float64),
+                                   msg=lambda m, i=i: f"features[{i}]: {m}")
+        # ... and the same slice from msfast with that feature alone.
+        single = msfast.upsample_concat([f], size, mode=mode, align_corners=align_corners)
+        torch.testing.assert_close(out[:, c0 : c0 + f.shape[1]], single, rtol=0, atol=0)
+        c0 += f.shape[1]
+    assert c0 == out.shape[1]
+
+
+@pytest.mark.parametrize("out_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("in_layout", ["nchw", "channels_last", "mixed"])
+@pytest.mark.parametrize("mode,align_corners", [("bilinear", None), ("bicubic", True), ("nearest", None),
+                                                ("nearest-exact", None)])
+def test_out(mode, align_corners, in_layout, out_layout, device, gen):
+    feats = _features(gen, torch.float32, device, in_layout)
+    size = (11, 14)
+    C = sum(f.shape[1] for f in feats)
+    out = torch.full((2, C, *size), float("nan"), device=device)
+    if out_layout == "channels_last":
+        out = out.contiguous(memory_format=torch.channels_last)
+    ptr, strides = out.data_ptr(), out.stride()
+    res = msfast.upsample_concat(feats, size, mode=mode, align_corners=align_corners, out=out)
+    assert res is out
+    assert out.data_ptr() == ptr and out.stride() == strides  # written in place, layout kept
+    ref = ref_upsample_concat(feats, size, mode=mode, align_corners=align_corners)
+    torch.testing.assert_close(out, ref, **tol(torch.float32, upscale=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_out_other_dtypes(dtype, device, gen):
+    feats = _features(gen, dtype, device, "nchw")
+    out = torch.empty(2, sum(f.shape[1] for f in feats), 9, 10, dtype=dtype, device=device)
+    assert msfast.upsample_concat(feats, (9, 10), out=out) is out
+    torch.testing.assert_close(out, ref_upsample_concat(feats, (9, 10)), **tol(dtype, upscale=True))
+
+
+def test_out_with_requires_grad_features_raises(device, gen):
+    feats = _features(gen, torch.float32, device, "nchw", requires_grad=True)
+    out = torch.empty(2, sum(f.shape[1] for f in feats), 9, 10, device=device)
+    with pytest.raises(RuntimeError, match="out="):
+        msfast.upsample_concat(feats, (9, 10), out=out)
+    # Under no_grad the same call is allowed.
+    with torch.no_grad():
+        assert msfast.upsample_concat(feats, (9, 10), out=out) is out
+    torch.testing.assert_close(out, ref_upsample_concat([f.detach() for f in feats], (9, 10)),
+                               **tol(torch.float32, upscale=True))
+
+
+def test_out_overlapping_a_feature_raises(device, gen):
+    f = randn(gen, 2, 3, 5, 6, device=device)
+    with pytest.raises(RuntimeError):
+        msfast.upsample_concat([f], (5, 6), out=f)
+
+
+def test_single_feature_identity_size(device, gen):
+    f = randn(gen, 2, 3, 17, 23, device=device)
+    for mode in CONCAT_MODES:
+        out = msfast.upsample_concat([f], (17, 23), mode=mode)
+        torch.testing.assert_close(out, f, rtol=0, atol=0)
+        assert out.data_ptr() != f.data_ptr()
+
+
+def test_features_tuple_and_duplicates(device, gen):
+    f = randn(gen, 2, 3, 9, 11, device=device)
+    g = randn(gen, 2, 1, 4, 4, device=device)
+    out = msfast.upsample_concat((f, g, f), (7, 8))
+    torch.testing.assert_close(out, ref_upsample_concat([f, g, f], (7, 8)), **tol(torch.float32, upscale=True))
+
+
+def test_non_dense_features(device, gen):
+    big = randn(gen, 2, 6, 18, 24, device=device)
+    feats = [big[:, :, ::2, ::2], big.contiguous(memory_format=torch.channels_last)[:, 2:5],
+             randn(gen, 2, 1, 1, 5, device=device).expand(2, 4, 6, 5)]
+    for mode in CONCAT_MODES:
+        out = msfast.upsample_concat(feats, (10, 13), mode=mode)
+        torch.testing.assert_close(out, ref_upsample_concat(feats, (10, 13), mode=mode),
+                                   **tol(torch.float32, upscale=True))
+
+
+def test_empty_batch(device, gen):
+    feats = [randn(gen, 0, 3, 5, 6, device=device), randn(gen, 0, 2, 7, 3, device=device)]
+    out = msfast.upsample_concat(feats, (4, 4))
+    assert out.shape == (0, 5, 4, 4)
+
+
+def test_inputs_not_modified(device, gen):
+    feats = _features(gen, torch.float32, device, "mixed")
+    before = [f.clone() for f in feats]
+    msfast.upsample_concat(feats, (9, 9), mode="bicubic")
+    assert all(torch.equal(a, b) for a, b in zip(feats, before))
