@@ -196,6 +196,21 @@ struct RowMaker {
   void new_plane() { std::fill(tag.begin(), tag.end(), -1); }
 };
 
+// acc_t -> dst_t. bfloat16 is rounded to nearest even here with integer operations and no
+// branch (c10::BFloat16's constructor tests for NaN first), so the write loop vectorizes.
+template <typename dst_t, typename acc_t>
+inline dst_t to_dst(acc_t v) {
+  if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return at::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
+  } else {
+    return static_cast<dst_t>(v);
+  }
+}
+
 // dst_row = cast(acc * scale[c] + shift[c]), acc a packed row.
 template <typename dst_t, typename acc_t>
 void write_row(dst_t* out, const View& d, int64_t plane, const acc_t* acc, const JobPlan<acc_t>& j) {
@@ -205,14 +220,14 @@ void write_row(dst_t* out, const View& d, int64_t plane, const acc_t* acc, const
     dst_t* __restrict__ o = out + oo;
     const acc_t* __restrict__ a = acc + ao;
     if (!affine) {
-      for (int64_t c = 0; c < len; ++c) o[c] = static_cast<dst_t>(a[c]);
+      for (int64_t c = 0; c < len; ++c) o[c] = to_dst<dst_t>(a[c]);
     } else if (!d.cl) {
       const acc_t m = j.scale[ch], b = j.shift[ch];
-      for (int64_t c = 0; c < len; ++c) o[c] = static_cast<dst_t>(a[c] * m + b);
+      for (int64_t c = 0; c < len; ++c) o[c] = to_dst<dst_t>(a[c] * m + b);
     } else {  // channels_last: the channel pattern laid out along the run
       const acc_t* __restrict__ m = j.scale_run.data();
       const acc_t* __restrict__ b = j.shift_run.data();
-      for (int64_t c = 0; c < len; ++c) o[c] = static_cast<dst_t>(a[c] * m[c] + b[c]);
+      for (int64_t c = 0; c < len; ++c) o[c] = to_dst<dst_t>(a[c] * m[c] + b[c]);
     }
   });
 }
