@@ -68,6 +68,19 @@ inline void for_runs(const Row& a, const Row& b, F&& f) {
   for (int64_t x = 0; x < a.W; ++x) f(x * a.px, x * b.px, a.cp);
 }
 
+// src_t -> acc_t; bfloat16 widened with a shift, in a form the loops vectorize.
+template <typename acc_t, typename src_t>
+inline acc_t to_acc(src_t v) {
+  if constexpr (std::is_same_v<src_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
 // d (+)= w * s, elementwise over a row.
 template <bool kAdd, typename src_t, typename acc_t>
 inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd) {
@@ -75,7 +88,7 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
     const src_t* __restrict__ a = s + so;
     acc_t* __restrict__ b = d + dof;
     for (int64_t c = 0; c < len; ++c) {
-      const acc_t v = w * static_cast<acc_t>(a[c]);
+      const acc_t v = w * to_acc<acc_t>(a[c]);
       b[c] = kAdd ? b[c] + v : v;
     }
   });
