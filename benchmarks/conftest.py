@@ -55,11 +55,11 @@ def pytest_terminal_summary(terminalreporter, config):
         if "msfast" not in g:
             continue
         ms = g["msfast"]
-        med = ms.stats["median"]
+        med = ms.stats.median
         parts = [f"msfast {med * 1e3:.2f} ms"]
         for impl in ("eager", "compile"):
             if impl in g:
-                parts.append(f"{g[impl].stats['median'] / med:.1f}x vs {impl}")
+                parts.append(f"{g[impl].stats.median / med:.1f}x vs {impl}")
         roof = ms["extra_info"].get("roofline_ms")
         if roof:
             parts.append(f"roofline {100 * roof / (med * 1e3):.0f}%")
