@@ -31,6 +31,10 @@ struct TermPlan {
   Table<acc_t> th, tw;
   bool h_unit;  // tw is the identity: the horizontal pass is a copy
   bool h_first;  // horizontal pass first, on each source row once (see above)
+  // tw again, for the one-value-per-pixel gather: 32-bit starts and tap-major weights
+  // (wk[k * out + ox]), the layout in which the loop over ox vectorizes with gathers.
+  std::vector<int32_t> start32;
+  std::vector<acc_t> wk;
 };
 
 template <typename acc_t>
@@ -135,6 +139,19 @@ void horizontal_impl(const acc_t* __restrict__ tmp, const Table<acc_t>& tw, int6
   }
 }
 
+// The NCHW gather (one value per pixel, packed output), vectorized over ox.
+template <int KW, bool kAdd, typename acc_t>
+void horizontal_gather(const acc_t* __restrict__ tmp, const TermPlan<acc_t>& tp, acc_t* __restrict__ out) {
+  const int64_t n = tp.tw.out, K = KW > 0 ? KW : tp.tw.K;
+  const int32_t* __restrict__ st = tp.start32.data();
+  const acc_t* __restrict__ wk = tp.wk.data();
+  for (int64_t ox = 0; ox < n; ++ox) {
+    acc_t s = wk[ox] * tmp[st[ox]];
+    for (int64_t k = 1; k < K; ++k) s += wk[k * n + ox] * tmp[st[ox] + k];
+    out[ox] = kAdd ? out[ox] + s : s;
+  }
+}
+
 template <bool kAdd, typename acc_t>
 void horizontal_k(const acc_t* tmp, const Table<acc_t>& tw, int64_t cp, acc_t* out, int64_t opx) {
 #define MSFAST_H(KW)                                                              \
@@ -157,6 +174,16 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
     const Row rt = packed_row(ro.W, ro.cp);
     if (add) return axpy<true>(tmp, rt, acc_t(1), out, ro);
     return axpy<false>(tmp, rt, acc_t(1), out, ro);
+  }
+  if (!tp.start32.empty() && ro.px == 1) {
+#define MSFAST_G(KW) return add ? horizontal_gather<KW, true>(tmp, tp, out) : horizontal_gather<KW, false>(tmp, tp, out);
+    switch (tp.tw.K) {
+      case 2: MSFAST_G(2)
+      case 3: MSFAST_G(3)
+      case 4: MSFAST_G(4)
+      default: MSFAST_G(0)
+    }
+#undef MSFAST_G
   }
   if (add) return horizontal_k<true>(tmp, tp.tw, tp.v.cp, out, ro.px);
   horizontal_k<false>(tmp, tp.tw, tp.v.cp, out, ro.px);
@@ -271,6 +298,13 @@ void run_typed(const std::vector<Job>& jobs) {
       }
       TermPlan<acc_t> tp{make_view(t.src, job.channels_last), std::move(th), std::move(tw), false};
       tp.h_unit = is_unit(tp.tw);
+      if (!tp.h_unit && tp.v.cp == 1 && tp.tw.K > 1 && tp.tw.in < (int64_t{1} << 31)) {
+        const int64_t n = tp.tw.out, K = tp.tw.K;
+        tp.start32.assign(tp.tw.start.begin(), tp.tw.start.end());
+        tp.wk.resize(n * K);
+        for (int64_t ox = 0; ox < n; ++ox)
+          for (int64_t k = 0; k < K; ++k) tp.wk[k * n + ox] = tp.tw.w[ox * K + k];
+      }
       // Fewer source rows than output rows: gather each source row once (see the top).
       tp.h_first = !tp.h_unit && tp.th.in < tp.th.out;
       p.terms.push_back(std::move(tp));
