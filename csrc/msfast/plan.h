@@ -31,7 +31,6 @@ struct Table {
   int64_t in = 0, out = 0, K = 0;
   std::vector<int64_t> start;
   std::vector<T> w;
-  bool identity() const { return in == out && K == 1; }
 };
 
 template <typename T>

@@ -1,0 +1,68 @@
+"""The baseline CPU kernel build (MSFAST_CPU_ISA=base) against the one this machine picks.
+
+msfast compiles its CPU kernels twice (baseline and AVX2 + FMA) and picks one at run time;
+the rest of the suite runs the picked one. Here a subprocess forced to the baseline build
+computes a set of cases, and both results must match each other and the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import msfast
+
+SCRIPT = r"""
+import sys, torch, msfast
+assert msfast._ops._C.build_info()["cpu_isa"] == "base", msfast._ops._C.build_info()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 3, 17, 23, generator=g)
+xc = x.contiguous(memory_format=torch.channels_last)
+u8 = torch.randint(0, 256, (2, 19, 21, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+feats = [torch.randn(2, c, s, s, generator=g) for c, s in [(4, 14), (3, 7), (2, 5), (5, 20)]]
+out = {}
+for mode in ["bilinear", "bicubic", "nearest", "nearest-exact", "area"]:
+    out[f"pyr_{mode}"] = msfast.pyramid(x, [1, 0.5, 0.6, 1.7], mode=mode)
+    out[f"pyr_cl_{mode}"] = msfast.pyramid(xc, [0.25, 2.0], mode=mode)
+out["pyr_u8"] = msfast.pyramid(u8, [1, 0.75, 0.5], mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])
+out["pyr_bf16"] = msfast.pyramid(x.bfloat16(), [0.5, 1.3])
+for mode in ["bilinear", "bicubic", "nearest", "nearest-exact"]:
+    out[f"cat_{mode}"] = msfast.upsample_concat(feats, (14, 14), mode=mode)
+    out[f"cat_cl_{mode}"] = msfast.upsample_concat([f.contiguous(memory_format=torch.channels_last) for f in feats],
+                                                   (9, 11), mode=mode)
+xg = x.double().requires_grad_()
+msfast.pyramid(xg, [1, 0.5, 1.7])[1].sum().backward()
+out["pyr_grad"] = [xg.grad]
+fg = [f.double().requires_grad_() for f in feats]
+(msfast.upsample_concat(fg, (14, 14)) * torch.arange(14.0, dtype=torch.float64)).sum().backward()
+out["cat_grad"] = [f.grad for f in fg]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_baseline_build_matches_picked_build(tmp_path):
+    path = tmp_path / "base.pt"
+    env = dict(os.environ, MSFAST_CPU_ISA="base")
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    base = torch.load(path)
+    # The same script in this process (the picked build), compared case by case.
+    env_here = {}
+    exec(SCRIPT.replace("torch.save(out, sys.argv[1])", "").replace(
+        'assert msfast._ops._C.build_info()["cpu_isa"] == "base", msfast._ops._C.build_info()', ""), env_here)
+    here = env_here["out"]
+    assert set(here) == set(base)
+    for key in base:
+        for a, b in zip(here[key], base[key]):
+            tol = dict(rtol=1.6e-2, atol=1e-2) if a.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, k=key: f"{k}: {m}")
+            if "nearest" in key:  # one tap of weight 1: both builds must give the same bits
+                assert torch.equal(a, b), key
+
+
+def test_picked_isa_is_reported():
+    info = msfast._ops._C.build_info()
+    assert info["cpu_isa"] in ("base", "avx2")
