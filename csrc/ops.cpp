@@ -75,6 +75,21 @@ std::vector<double> per_channel(std::optional<at::ArrayRef<double>> v, int64_t C
 
 }  // namespace
 
+std::pair<at::ScalarType, at::ScalarType> check_jobs(const std::vector<Job>& jobs, c10::DeviceType device) {
+  const auto st = jobs[0].terms[0].src.scalar_type(), dt = jobs[0].dst.scalar_type();
+  for (const auto& j : jobs) {
+    TORCH_CHECK(j.dst.scalar_type() == dt, "msfast: internal: mixed destination dtypes");
+    TORCH_CHECK_VALUE(j.dst.device().type() == device, "msfast: expected ", device, " tensors, got one on ",
+                      j.dst.device());
+    for (const auto& t : j.terms) {
+      TORCH_CHECK(t.src.scalar_type() == st, "msfast: internal: mixed source dtypes");
+      TORCH_CHECK_VALUE(t.src.device() == j.dst.device(), "msfast: all tensors must be on one device, got ",
+                        t.src.device(), " and ", j.dst.device());
+    }
+  }
+  return {st, dt};
+}
+
 std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
                                      at::ArrayRef<double> scales, const std::string& mode_name,
                                      bool antialias, bool align_corners,

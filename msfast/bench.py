@@ -111,8 +111,8 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
         inb = _nbytes(x.shape, dtype)
         return Prepared([x], lambda x: reference.pyramid(x, scales, **kw), lambda x: _ops.pyramid(x, scales, **kw),
                         grads, inb + outs, outs + inb)
-    # fpn_concat
-    n = 4 if q else 16
+    # fpn_concat (N=64 on a GPU, where N=16 is too small to fill it)
+    n = 4 if q else (64 if dev.type == "cuda" else 16)
     spec = [(64, 56), (128, 28), (256, 14), (512, 7)]
     feats = [torch.randn(n, c, s, s, generator=g).to(dev, dtype).contiguous(memory_format=fmt) for c, s in spec]
     size = (56, 56)

@@ -28,6 +28,7 @@ def _info(args) -> int:
         info["openmp"] = built["openmp"]
         info["cpu_isa"] = built["cpu_isa"]
         info["kernels"] = {"cpu": True, "cuda": bool(_ops._C.cuda_built())}
+        info["cuda_kernels_in_use"] = _ops.cuda_kernels_enabled() and bool(_ops._C.cuda_built())
     else:
         info["kernels"] = {"cpu": False, "cuda": False}
     if torch.cuda.is_available():

@@ -39,7 +39,8 @@ def test_info_json():
     assert info["fallback_active"] is False
     assert info["fallback_reason"] is None
     assert info["kernels"]["cpu"] is True
-    assert info["kernels"]["cuda"] is msfast.kernels_available("cuda")
+    assert info["kernels"]["cuda"] is bool(msfast._ops._C.cuda_built())  # built
+    assert info["cuda_kernels_in_use"] is msfast.kernels_available("cuda")  # built and enabled
     assert info["msfast"] == msfast.__version__
     assert info["torch"] == torch.__version__
     assert info["threads"] >= 1

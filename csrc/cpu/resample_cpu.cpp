@@ -31,15 +31,7 @@ namespace {
 
 void run_cpu(const std::vector<Job>& jobs) {
   if (jobs.empty() || jobs[0].terms.empty()) return;
-  const auto st = jobs[0].terms[0].src.scalar_type(), dt = jobs[0].dst.scalar_type();
-  for (const auto& j : jobs) {
-    TORCH_CHECK(j.dst.scalar_type() == dt, "msfast: internal: mixed destination dtypes");
-    TORCH_CHECK_VALUE(j.dst.device().is_cpu(), "msfast: expected CPU tensors, got one on ", j.dst.device());
-    for (const auto& t : j.terms) {
-      TORCH_CHECK(t.src.scalar_type() == st, "msfast: internal: mixed source dtypes");
-      TORCH_CHECK_VALUE(t.src.device().is_cpu(), "msfast: expected CPU tensors, got one on ", t.src.device());
-    }
-  }
+  const auto [st, dt] = check_jobs(jobs, c10::DeviceType::CPU);
   if (std::strcmp(cpu_isa(), "avx2") == 0) return avx2::run_jobs(jobs, st, dt);
   base::run_jobs(jobs, st, dt);
 }

@@ -379,34 +379,11 @@ void run_typed(const std::vector<Job>& jobs) {
   });
 }
 
-// Calls f(T{}) with the C++ type of dtype t.
-template <typename F>
-void with_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kByte: return f(uint8_t{});
-    case at::kHalf: return f(at::Half{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    default: TORCH_CHECK_TYPE(false, "msfast: unsupported dtype ", t);
-  }
-}
-
 }  // namespace
 
 void run_jobs(const std::vector<Job>& jobs, at::ScalarType st, at::ScalarType dt) {
-  with_type(st, [&](auto s) {
-    with_type(dt, [&](auto d) {
-      using S = decltype(s);
-      using D = decltype(d);
-      if constexpr (std::is_same_v<D, uint8_t>) {
-        TORCH_CHECK_TYPE(false, "msfast: uint8 output is not supported");
-      } else {
-        // Accumulate in float32, or float64 when either side is float64.
-        using A = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<D, double>, double, float>;
-        run_typed<S, D, A>(jobs);
-      }
-    });
+  with_types(st, dt, [&](auto s, auto d, auto a) {
+    run_typed<decltype(s), decltype(d), decltype(a)>(jobs);
   });
 }
 

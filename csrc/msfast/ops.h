@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,10 @@ struct Job {
 };
 
 using Runner = void (*)(const std::vector<Job>& jobs);
+
+// What a backend checks before running jobs: every tensor on its device type, one source
+// dtype and one destination dtype. Returns (source dtype, destination dtype).
+std::pair<at::ScalarType, at::ScalarType> check_jobs(const std::vector<Job>& jobs, c10::DeviceType device);
 
 // An output tensor: on the CPU large ones come from msfast's cache of page-faulted-in
 // blocks (csrc/cpu/out_cache.cpp), elsewhere from at::empty.

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "msfast/index_math.h"
@@ -174,6 +175,37 @@ inline at::MemoryFormat format_of(bool channels_last) {
 // expanded tensor) is made dense once here, explicitly, in the layout the call runs in.
 inline at::Tensor dense_in(const at::Tensor& t, bool channels_last) {
   return t.is_contiguous(format_of(channels_last)) ? t : t.contiguous(format_of(channels_last));
+}
+
+// Calls f(T{}) with the C++ type of dtype t.
+template <typename F>
+void with_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kByte: return f(uint8_t{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    default: TORCH_CHECK_TYPE(false, "msfast: unsupported dtype ", t);
+  }
+}
+
+// Calls f(S{}, D{}, A{}) for source dtype st and destination dtype dt, with the accumulation
+// type A: float32, or float64 when either side is float64. Both backends dispatch here.
+template <typename F>
+void with_types(at::ScalarType st, at::ScalarType dt, F&& f) {
+  with_type(st, [&](auto s) {
+    with_type(dt, [&](auto d) {
+      using S = decltype(s);
+      using D = decltype(d);
+      if constexpr (std::is_same_v<D, uint8_t>) {
+        TORCH_CHECK_TYPE(false, "msfast: uint8 output is not supported");
+      } else {
+        using A = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<D, double>, double, float>;
+        f(S{}, D{}, A{});
+      }
+    });
+  });
 }
 
 inline void check_4d(const at::Tensor& t, const char* name) {
