@@ -1,11 +1,12 @@
 """``msfast bench``: msfast against eager PyTorch and torch.compile, side by side.
 
-Every case is timed in one process, one run: the eager reference path (F.interpolate +
-torch.cat), ``torch.compile(reference, fullgraph=True)`` (its compile time reported apart)
-and msfast. Each timing is the median of several repetitions; the report gives the ratios
-and the share of the memory-bandwidth roofline: the bytes that must move (every input read
-once, every output written once) over the bandwidth of a large tensor copy measured in the
-same run. The case definitions here are also what benchmarks/ (pytest-benchmark) runs.
+Every case is timed in one process, one run, with the repetitions of its implementations
+interleaved: the eager reference path (F.interpolate + torch.cat),
+``torch.compile(reference, fullgraph=True)`` (its compile time reported apart) and msfast.
+Each timing is the median of several repetitions; the report gives the ratios and the
+share of the memory-bandwidth roofline: the bytes that must move (every input read once,
+every output written once) over the bandwidth of a large tensor copy measured in the same
+run. The case definitions here are also what benchmarks/ (pytest-benchmark) runs.
 """
 
 from __future__ import annotations
@@ -176,6 +177,25 @@ def time_fn(fn: Callable[[], None], device: str, reps: int, warmup: int = 1, max
     return times
 
 
+def time_interleaved(fns: dict, device: str, reps: int, max_seconds: float = 60.0) -> dict:
+    """Wall times (ms) of each function, repetitions interleaved (a, b, c, a, b, c, ...) so that
+    a noisy neighbour slows every implementation alike and the ratios stay meaningful."""
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    for r in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and r >= 2:
+            break
+    return times
+
+
 def copy_bandwidth(device: str, nbytes: int = 256 << 20, reps: int = 7) -> float:
     """Bytes per second of a large tensor copy (read + write), the roofline's denominator."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
@@ -255,24 +275,26 @@ def run(args) -> dict:
     for i, v in enumerate(vs, 1):
         tag = f"[{i}/{len(vs)}] {v.case} {v.dtype} {v.layout} {v.pass_}"
         p = prepare(v)
-        print(f"{tag}: eager...", end="", file=log, flush=True)
-        eager = statistics.median(time_fn(step_fn(p, p.run_ref), device, reps))
-        comp = comp_s = None
+        impls = {"eager": step_fn(p, p.run_ref), "msfast": step_fn(p, p.run_msfast)}
+        comp_s = None
         if not args.no_compile:
-            print(" compile...", end="", file=log, flush=True)
+            print(f"{tag}: compiling...", end="", file=log, flush=True)
             try:
                 torch._dynamo.reset()
-                cfn = compile_reference(p)
+                cstep = step_fn(p, compile_reference(p))
                 t0 = time.perf_counter()
-                step_fn(p, cfn)()
+                cstep()
                 _sync(device)
-                first = time.perf_counter() - t0
-                comp = statistics.median(time_fn(step_fn(p, cfn), device, reps, warmup=1))
-                comp_s = max(first - comp / 1e3, 0.0)
+                comp_s = time.perf_counter() - t0  # compile + first call
+                impls["compile"] = cstep
             except Exception as e:  # report, don't abort the whole run
                 print(f" (compile failed: {type(e).__name__}: {e})", end="", file=log)
-        print(" msfast...", end="", file=log, flush=True)
-        ms = statistics.median(time_fn(step_fn(p, p.run_msfast), device, reps))
+        print(f"{tag}: timing {', '.join(impls)}...", end="", file=log, flush=True)
+        times = time_interleaved(impls, device, reps)
+        eager, ms = statistics.median(times["eager"]), statistics.median(times["msfast"])
+        comp = statistics.median(times["compile"]) if "compile" in times else None
+        if comp_s is not None and comp is not None:
+            comp_s = max(comp_s - comp / 1e3, 0.0)
         nbytes = p.bytes_fwd + (p.bytes_bwd if v.pass_ == "fwd+bwd" else 0)
         roof_ms = nbytes / bw * 1e3
         row = {
