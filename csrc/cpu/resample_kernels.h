@@ -98,6 +98,20 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
   });
 }
 
+// d (+)= w0 * s0 + w1 * s1, elementwise over a row (s0, s1: packed rows from the cache).
+template <bool kAdd, typename acc_t>
+inline void axpy2(const acc_t* s0, const acc_t* s1, const Row& rs, acc_t w0, acc_t w1, acc_t* d, const Row& rd) {
+  for_runs(rs, rd, [&](int64_t so, int64_t dof, int64_t len) {
+    const acc_t* __restrict__ a = s0 + so;
+    const acc_t* __restrict__ b = s1 + so;
+    acc_t* __restrict__ o = d + dof;
+    for (int64_t c = 0; c < len; ++c) {
+      const acc_t v = w0 * a[c] + w1 * b[c];
+      o[c] = kAdd ? o[c] + v : v;
+    }
+  });
+}
+
 // out (+)= sum_k wh[k] * src_row(y0 + k): the vertical pass of output row oy, one tap per
 // pass over the row. (Fusing four taps per pass was tried: no faster from cache, and twice
 // as slow when the rows come from memory.)
@@ -223,7 +237,18 @@ struct RowMaker {
       tag[slot] = y;
     }
     const acc_t* w = tp.th.w.data() + oy * K;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+    if (K >= 2) {  // the first two taps in one pass: one store per output value (upscaling)
+      const acc_t* r0 = ring.data() + (y0 & mask) * n;
+      const acc_t* r1 = ring.data() + ((y0 + 1) & mask) * n;
+      if (add) {
+        axpy2<true>(r0, r1, rr, w[0], w[1], out, ro);
+      } else {
+        axpy2<false>(r0, r1, rr, w[0], w[1], out, ro);
+      }
+      k = 2;
+    }
+    for (; k < K; ++k) {
       const acc_t* r = ring.data() + ((y0 + k) & mask) * n;
       if (k == 0 && !add) {
         axpy<false>(r, rr, w[k], out, ro);
