@@ -315,12 +315,7 @@ void run_typed(const std::vector<Job>& jobs) {
       }
     }
     for (const auto& t : job.terms) {
-      // A gradient runs the forward axis (in -> out) transposed: it maps out -> in.
-      auto th = forward_table<acc_t>(t.h), tw = forward_table<acc_t>(t.w);
-      if (t.adjoint) {
-        th = adjoint_table(th);
-        tw = adjoint_table(tw);
-      }
+      auto [th, tw] = term_tables<acc_t>(t);
       TermPlan<acc_t> tp{make_view(t.src, job.channels_last), std::move(th), std::move(tw), false};
       tp.h_unit = is_unit(tp.tw);
       if (!tp.h_unit && tp.v.cp == 1 && tp.tw.K > 1 && tp.tw.in < (int64_t{1} << 31)) {

@@ -113,11 +113,7 @@ void run_typed(const std::vector<Job>& jobs) {
     DevJob dj{job.dst.data_ptr(), dev_view(dv), total, static_cast<int64_t>(dterms.size()),
               static_cast<int64_t>(job.terms.size()), -1, dv.channels, job.channels_last};
     for (const auto& t : job.terms) {
-      auto th = forward_table<acc_t>(t.h), tw = forward_table<acc_t>(t.w);
-      if (t.adjoint) {
-        th = adjoint_table(th);
-        tw = adjoint_table(tw);
-      }
+      const auto [th, tw] = term_tables<acc_t>(t);
       const View sv = make_view(t.src, job.channels_last);
       dterms.push_back(DevTerm{t.src.data_ptr(), dev_view(sv), pack(th, buf), pack(tw, buf)});
     }

@@ -32,6 +32,14 @@ struct Job {
 
 using Runner = void (*)(const std::vector<Job>& jobs);
 
+// The tap tables (vertical, horizontal) of a term, in the accumulation type. A gradient runs
+// the forward axis (in -> out) transposed: it maps out -> in.
+template <typename T>
+std::pair<Table<T>, Table<T>> term_tables(const Term& t) {
+  if (!t.adjoint) return {forward_table<T>(t.h), forward_table<T>(t.w)};
+  return {adjoint_table(forward_table<T>(t.h)), adjoint_table(forward_table<T>(t.w))};
+}
+
 // What a backend checks before running jobs: every tensor on its device type, one source
 // dtype and one destination dtype. Returns (source dtype, destination dtype).
 std::pair<at::ScalarType, at::ScalarType> check_jobs(const std::vector<Job>& jobs, c10::DeviceType device);
