@@ -31,6 +31,7 @@ struct TermPlan {
   Table<acc_t> th, tw;
   bool h_unit;  // tw is the identity: the horizontal pass is a copy
   bool h_first;  // horizontal pass first, on each source row once (see above)
+  int64_t ring;  // h_first: rows kept, the power of two >= th.K, so a slot is y & (ring - 1)
   // tw again, for the one-value-per-pixel gather: 32-bit starts and tap-major weights
   // (wk[k * out + ox]), the layout in which the loop over ox vectorizes with gathers.
   std::vector<int32_t> start32;
@@ -207,9 +208,8 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
 template <typename src_t, typename acc_t>
 struct RowMaker {
   std::vector<acc_t> tmp;    // one source row in acc_t, packed
-  std::vector<acc_t> ring;   // h_first: horizontally resampled source rows, R >= K slots
+  std::vector<acc_t> ring;   // h_first: tp.ring horizontally resampled source rows
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
-  int64_t mask = 0;          // R - 1; R is a power of two so a slot is y & mask
 
   void run(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, bool add, acc_t* out, const Row& ro) {
     const View& v = tp.v;
@@ -219,13 +219,10 @@ struct RowMaker {
       vertical(plane, v, tp.th, oy, false, tmp.data(), packed_row(v.W, v.cp));
       return horizontal(tp, tmp.data(), add, out, ro);
     }
-    const int64_t K = tp.th.K, n = tp.tw.out * v.cp, y0 = tp.th.start[oy];
-    int64_t R = 1;
-    while (R < K) R *= 2;
-    if (static_cast<int64_t>(tag.size()) != R || static_cast<int64_t>(ring.size()) != R * n) {
-      ring.assign(R * n, acc_t(0));
-      tag.assign(R, -1);
-      mask = R - 1;
+    const int64_t K = tp.th.K, n = tp.tw.out * v.cp, y0 = tp.th.start[oy], mask = tp.ring - 1;
+    if (static_cast<int64_t>(tag.size()) != tp.ring || static_cast<int64_t>(ring.size()) != tp.ring * n) {
+      ring.assign(tp.ring * n, acc_t(0));
+      tag.assign(tp.ring, -1);
     }
     const Row rr = packed_row(tp.tw.out, v.cp);
     for (int64_t k = 0; k < K; ++k) {
@@ -316,7 +313,7 @@ void run_typed(const std::vector<Job>& jobs) {
     }
     for (const auto& t : job.terms) {
       auto [th, tw] = term_tables<acc_t>(t);
-      TermPlan<acc_t> tp{make_view(t.src, job.channels_last), std::move(th), std::move(tw), false};
+      TermPlan<acc_t> tp{make_view(t.src, job.channels_last), std::move(th), std::move(tw), false, false, 1};
       tp.h_unit = is_unit(tp.tw);
       if (!tp.h_unit && tp.v.cp == 1 && tp.tw.K > 1 && tp.tw.in < (int64_t{1} << 31)) {
         const int64_t n = tp.tw.out, K = tp.tw.K;
@@ -327,6 +324,7 @@ void run_typed(const std::vector<Job>& jobs) {
       }
       // Fewer source rows than output rows: gather each source row once (see the top).
       tp.h_first = !tp.h_unit && tp.th.in < tp.th.out;
+      while (tp.ring < tp.th.K) tp.ring *= 2;
       p.terms.push_back(std::move(tp));
     }
     p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty();
