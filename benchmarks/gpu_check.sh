@@ -1,29 +1,45 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU, torch, nvcc and ninja but no network:
 # builds msfast against that torch, runs the CUDA tests and the GPU benchmarks, and writes
-# log.txt, info.json, tests.xml and bench_cuda.json (+ PNG) to OUTDIR. About 10 minutes.
+#   log.txt          everything printed
+#   info.json        `msfast info --json` (versions, arch list, kernels)
+#   tests.xml        JUnit report of `pytest -m cuda`
+#   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
+#   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
+# to OUTDIR, in about 6 minutes on an H100 machine (16 cores).
 #   bash benchmarks/gpu_check.sh OUTDIR
-# Then commit OUTDIR/bench_cuda.json as benchmarks/results/<device>.json (it names the GPU,
-# the date, the torch version and the commit).
+# Then commit the JSONs as benchmarks/results/<device>*.json (they name the GPU, the date, the
+# torch version and the commit).
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 exec > >(tee "$OUT/log.txt") 2>&1
 cd "$(dirname "$0")/.."
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export MSFAST_CUDA=1
+export PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 PY=${PYTHON:-python3}
-date; nvidia-smi || true
+date
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 start=$(date +%s)
 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
 echo "build took $(( $(date +%s) - start )) s"
 $PY -m msfast info --json | tee "$OUT/info.json"
 # The CUDA kernels are opt-in until this check has passed on a GPU (msfast/_ops.py).
 export MSFAST_CUDA_KERNELS=1
-timeout 300 $PY -m pytest -q -m cuda tests -p no:cacheprovider --junitxml "$OUT/tests.xml"
-echo "cuda tests rc=$?"
-timeout 240 $PY -m msfast bench --device cuda --dtypes float32 --reps 20 --out "$OUT"
-echo "bench rc=$?"
+t=$(date +%s)
+timeout 240 $PY -m pytest -q -m cuda tests -p no:cacheprovider --maxfail=50 --tb=short -rfE \
+  --junitxml "$OUT/tests.xml"
+echo "cuda tests rc=$? in $(( $(date +%s) - t )) s"
+t=$(date +%s)
+timeout 150 $PY -m msfast bench --device cuda --dtypes float32 --reps 15 --no-compile --out "$OUT"
+echo "bench rc=$? in $(( $(date +%s) - t )) s"
+t=$(date +%s)
+timeout 150 $PY -m msfast bench --device cuda --dtypes float32 --cases fpn_concat,pyramid_n1 --layouts nchw \
+  --reps 15 --out "$OUT/compile"
+echo "bench with torch.compile rc=$? in $(( $(date +%s) - t )) s"
 echo "total $(( $(date +%s) - start )) s"

@@ -50,19 +50,21 @@ int concat_mode(const std::string& name) {
   return mode;
 }
 
-// ATen's choice of CPU nearest kernel (see Axis::cl_nearest); `cl` is the call's layout.
-bool aten_cl_nearest(bool cl, int64_t C, int64_t out_h, int64_t out_w) {
-  return (cl && C > 3) || out_h + out_w <= 128;
+// Which nearest formulas F.interpolate would run (see Axis::nearest): on the CPU, ATen's
+// choice of kernel; `cl` is the call's layout.
+int nearest_rule(const at::Tensor& t, bool cl, int64_t C, int64_t out_h, int64_t out_w) {
+  if (t.is_cuda()) return kNearestCuda;
+  return (cl && C > 3) || out_h + out_w <= 128 ? kNearestCpuChannelsLast : kNearestCpuGeneric;
 }
 
-// The two axes of a resize from (H, W) to (h, w). Area mode never uses the scale
-// (F.interpolate recomputes the size and calls adaptive_avg_pool2d), every other mode uses
-// 1 / scale when one was given (scale <= 0: none).
-std::pair<Axis, Axis> axes(int mode, bool antialias, bool align_corners, bool cl, int64_t C, int64_t H, int64_t W,
-                           int64_t h, int64_t w, double scale) {
+// The two axes of a resize of `t` (its device decides the nearest rule) from (H, W) to
+// (h, w). Area mode never uses the scale (F.interpolate recomputes the size and calls
+// adaptive_avg_pool2d), every other mode uses 1 / scale when one was given (scale <= 0: none).
+std::pair<Axis, Axis> axes(const at::Tensor& t, int mode, bool antialias, bool align_corners, bool cl, int64_t C,
+                           int64_t H, int64_t W, int64_t h, int64_t w, double scale) {
   const double s = mode == kArea ? 0.0 : scale;
-  const bool cln = aten_cl_nearest(cl, C, h, w);
-  return {Axis{mode, antialias, align_corners, H, h, s, cln}, Axis{mode, antialias, align_corners, W, w, s, cln}};
+  const int rule = nearest_rule(t, cl, C, h, w);
+  return {Axis{mode, antialias, align_corners, H, h, s, rule}, Axis{mode, antialias, align_corners, W, w, s, rule}};
 }
 
 std::vector<double> per_channel(std::optional<at::ArrayRef<double>> v, int64_t C, const char* name) {
@@ -139,7 +141,7 @@ std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
     j.channels_last = cl;
     j.scale = scale;
     j.shift = shift;
-    const auto [ah, aw] = axes(mode, antialias, align_corners, cl, C, x.size(2), x.size(3), h, w,
+    const auto [ah, aw] = axes(x, mode, antialias, align_corners, cl, C, x.size(2), x.size(3), h, w,
                                scales.empty() ? 0.0 : scales[k]);
     j.terms.push_back(Term{src, ah, aw, false});
     jobs.push_back(std::move(j));
@@ -184,7 +186,7 @@ at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& g
     }
     if (!scales.empty()) check_levels({g.size(2), g.size(3)}, {scales[k]}, mode, H, W);
     any = g;
-    const auto [ah, aw] = axes(mode, antialias, align_corners, channels_last, C, H, W, g.size(2), g.size(3),
+    const auto [ah, aw] = axes(g, mode, antialias, align_corners, channels_last, C, H, W, g.size(2), g.size(3),
                                scales.empty() ? 0.0 : scales[k]);
     j.terms.push_back(Term{dense_in(g, channels_last), ah, aw, true});
   }
@@ -243,7 +245,7 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
     Job j;
     j.dst = dst.narrow(1, c0, f.size(1));
     j.channels_last = cl;
-    const auto [ah, aw] = axes(mode, false, align_corners, cl, f.size(1), f.size(2), f.size(3), H, W, 0.0);
+    const auto [ah, aw] = axes(f, mode, false, align_corners, cl, f.size(1), f.size(2), f.size(3), H, W, 0.0);
     j.terms.push_back(Term{dense_in(f, cl), ah, aw, false});
     jobs.push_back(std::move(j));
     c0 += f.size(1);
@@ -274,7 +276,7 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
     Job j;
     j.dst = empty_output({N, C, h, w}, grad.options(), channels_last);
     j.channels_last = channels_last;
-    const auto [ah, aw] = axes(mode, false, align_corners, channels_last, C, h, w, H, W, 0.0);
+    const auto [ah, aw] = axes(grad, mode, false, align_corners, channels_last, C, h, w, H, W, 0.0);
     j.terms.push_back(Term{g.narrow(1, c0, C), ah, aw, true});
     outs.push_back(j.dst);
     jobs.push_back(std::move(j));

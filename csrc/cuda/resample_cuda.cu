@@ -1,14 +1,23 @@
 // CUDA backend: runs jobs (see msfast/ops.h) in one kernel launch per call. The tap tables
 // are the CPU's (forward_table / adjoint_table from msfast/plan.h over index_math.h), built
 // once per call on the host and copied with the job descriptors in one transfer, so both
-// backends use the same indices and weights. Every output element is computed by one thread
+// backends use the same indices and weights. Every output value is computed by one thread
 // as sum_ky wy * sum_kx wx * src, in a fixed order: a backward (transposed tables) is a
 // gather with no atomics, bitwise deterministic.
+//
+// A thread computes kVec consecutive values of one output run (kVec pixels of an NCHW row,
+// or kVec channels of a channels_last pixel), so the index arithmetic and the vertical taps
+// are shared by kVec outputs and the store is one aligned vector store where it can be.
+// Work items are numbered in 32-bit with multiply-shift division whenever they fit (the
+// common case: 64-bit division costs dozens of instructions), else in 64-bit.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "msfast/ops.h"
@@ -16,139 +25,226 @@
 namespace msfast {
 namespace {
 
-// Plain copies of View and Table for the device; tables live in one packed buffer.
-struct DevView {
-  int64_t pdiv, s_outer, s_inner, H, W, row, px, cp;
-  __host__ __device__ int64_t plane_offset(int64_t p) const { return (p / pdiv) * s_outer + (p % pdiv) * s_inner; }
-};
+constexpr int kVec = 4;
+constexpr int kThreads = 256;
+
+template <typename idx_t>
+using Div = at::cuda::detail::IntDivider<idx_t>;
+
 struct DevTable {
   int64_t K, start, w;  // tap count, offsets of start[] (int64) and w[] (acc_t) in the buffer
 };
 struct DevTerm {
   const void* src;
-  DevView v;
+  int64_t s_outer, s_inner, row, px;  // View strides of the source
   DevTable th, tw;
 };
+// A job's outputs as work items: item = ((plane * H + oy) * mid + m) * chunks + chunk, where
+// a run of `inner` contiguous values is cut into chunks of kVec. NCHW: run = an output row
+// (inner = W, mid = 1); channels_last: run = the C channels of pixel m (inner = C, mid = W).
+template <typename idx_t>
 struct DevJob {
   void* dst;
-  DevView d;
-  int64_t first_elem;  // prefix sum of output elements over jobs
+  int64_t s_outer, s_inner, row, px;  // View strides of the destination
+  Div<idx_t> chunks, mid, H, pdiv;
+  idx_t inner, first_item;  // first_item: prefix sum of work items over jobs
   int64_t first_term, n_terms;
   int64_t affine;  // offset of scale[C], shift[C] (acc_t) in the buffer, or -1
   int64_t channels;
   bool cl;
 };
 
-DevView dev_view(const View& v) { return {v.pdiv, v.s_outer, v.s_inner, v.H, v.W, v.row, v.px, v.cp}; }
+template <typename T>
+struct alignas(sizeof(T) * kVec) Packed {
+  T v[kVec];
+};
 
-template <typename src_t, typename dst_t, typename acc_t>
-__global__ void resample_kernel(const DevJob* jobs, int64_t n_jobs, const DevTerm* terms, const char* buf,
-                                int64_t total) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    // The job of element e: jobs are few, a binary search over their prefix sums.
-    int64_t lo = 0, hi = n_jobs - 1;
+template <typename src_t, typename dst_t, typename acc_t, typename idx_t>
+__global__ void __launch_bounds__(kThreads)
+resample_kernel(const DevJob<idx_t>* __restrict__ jobs, int n_jobs, const DevTerm* __restrict__ terms,
+                const char* __restrict__ buf, idx_t total) {
+  const idx_t stride = static_cast<idx_t>(gridDim.x) * kThreads;
+  for (idx_t item = static_cast<idx_t>(blockIdx.x) * kThreads + threadIdx.x; item < total; item += stride) {
+    // The job of this item: jobs are few, a binary search over their prefix sums.
+    int lo = 0, hi = n_jobs - 1;
     while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (jobs[mid].first_elem <= e) lo = mid; else hi = mid - 1;
+      const int mid = (lo + hi + 1) / 2;
+      if (jobs[mid].first_item <= item) lo = mid; else hi = mid - 1;
     }
-    const DevJob& j = jobs[lo];
-    // Element order: plane, row, pixel, channel (consecutive threads write consecutive memory).
-    int64_t r = e - j.first_elem;
-    const int64_t c = r % j.d.cp;
-    r /= j.d.cp;
-    const int64_t ox = r % j.d.W;
-    r /= j.d.W;
-    const int64_t oy = r % j.d.H;
-    const int64_t plane = r / j.d.H;
-    acc_t acc = acc_t(0);
+    const DevJob<idx_t>& j = jobs[lo];
+    const auto q = j.chunks.divmod(item - j.first_item);
+    const auto m = j.mid.divmod(q.div);
+    const auto y = j.H.divmod(m.div);
+    const auto p = j.pdiv.divmod(y.div);  // NCHW: (n, c); channels_last: (n, 0)
+    const int64_t oy = y.mod, n = p.div, pc = p.mod;
+    const int64_t i0 = static_cast<int64_t>(q.mod) * kVec;
+    const int64_t left = static_cast<int64_t>(j.inner) - i0;
+    const int nv = left < kVec ? static_cast<int>(left) : kVec;
+    acc_t acc[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[v] = acc_t(0);
     for (int64_t t = 0; t < j.n_terms; ++t) {
       const DevTerm& tm = terms[j.first_term + t];
-      const src_t* src = static_cast<const src_t*>(tm.src) + tm.v.plane_offset(plane) + c;
-      const acc_t* wy = reinterpret_cast<const acc_t*>(buf + tm.th.w) + oy * tm.th.K;
-      const acc_t* wx = reinterpret_cast<const acc_t*>(buf + tm.tw.w) + ox * tm.tw.K;
+      const src_t* plane = static_cast<const src_t*>(tm.src) + n * tm.s_outer + pc * tm.s_inner;
+      const int64_t Ky = tm.th.K, Kx = tm.tw.K;
+      const acc_t* wy = reinterpret_cast<const acc_t*>(buf + tm.th.w) + oy * Ky;
       const int64_t y0 = reinterpret_cast<const int64_t*>(buf + tm.th.start)[oy];
-      const int64_t x0 = reinterpret_cast<const int64_t*>(buf + tm.tw.start)[ox];
-      for (int64_t ky = 0; ky < tm.th.K; ++ky) {
-        const src_t* row = src + (y0 + ky) * tm.v.row + x0 * tm.v.px;
-        acc_t s = acc_t(0);
-        for (int64_t kx = 0; kx < tm.tw.K; ++kx) s += wx[kx] * static_cast<acc_t>(row[kx * tm.v.px]);
-        acc += wy[ky] * s;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        if (v >= nv) break;
+        const int64_t ox = j.cl ? static_cast<int64_t>(m.mod) : i0 + v;
+        const int64_t ch = j.cl ? i0 + v : 0;
+        const acc_t* wx = reinterpret_cast<const acc_t*>(buf + tm.tw.w) + ox * Kx;
+        const int64_t x0 = reinterpret_cast<const int64_t*>(buf + tm.tw.start)[ox];
+        const src_t* s0 = plane + y0 * tm.row + x0 * tm.px + ch;
+        for (int64_t ky = 0; ky < Ky; ++ky) {
+          const src_t* r = s0 + ky * tm.row;
+          acc_t s = acc_t(0);
+          for (int64_t kx = 0; kx < Kx; ++kx) s += wx[kx] * static_cast<acc_t>(r[kx * tm.px]);
+          acc[v] += wy[ky] * s;
+        }
       }
     }
     if (j.affine >= 0) {
       const acc_t* scale = reinterpret_cast<const acc_t*>(buf + j.affine);
-      const int64_t ch = j.cl ? c : plane % j.d.pdiv;
-      acc = acc * scale[ch] + scale[j.channels + ch];
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const int64_t c = j.cl ? i0 + v : pc;
+        if (v < nv) acc[v] = acc[v] * scale[c] + scale[j.channels + c];
+      }
     }
-    dst_t* out = static_cast<dst_t*>(j.dst) + j.d.plane_offset(plane) + oy * j.d.row + ox * j.d.px + c;
-    *out = static_cast<dst_t>(acc);
+    dst_t* out = static_cast<dst_t*>(j.dst) + n * j.s_outer + pc * j.s_inner + oy * j.row +
+                 (j.cl ? static_cast<int64_t>(m.mod) * j.px : 0) + i0;
+    if (nv == kVec && reinterpret_cast<uintptr_t>(out) % sizeof(Packed<dst_t>) == 0) {
+      Packed<dst_t> pk;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) pk.v[v] = static_cast<dst_t>(acc[v]);
+      *reinterpret_cast<Packed<dst_t>*>(out) = pk;
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v)
+        if (v < nv) out[v] = static_cast<dst_t>(acc[v]);
+    }
   }
 }
 
-// Appends a table's starts and weights to the packed buffer.
-template <typename acc_t>
-DevTable pack(const Table<acc_t>& t, std::vector<char>& buf) {
-  auto put = [&](const void* p, size_t n) {
-    const size_t off = (buf.size() + 15) / 16 * 16;
-    buf.resize(off + n);
-    std::memcpy(buf.data() + off, p, n);
-    return static_cast<int64_t>(off);
-  };
-  DevTable d;
-  d.K = t.K;
-  d.start = put(t.start.data(), t.start.size() * sizeof(int64_t));
-  d.w = put(t.w.data(), t.w.size() * sizeof(acc_t));
-  return d;
+// Copies bytes carried in the kernel's own parameters: under CUDA graph capture the
+// parameters are recorded in the graph, so a replay needs no host memory that could have
+// been reused since (a pinned host->device copy would read it at replay time).
+struct ParamChunk {
+  char* dst;
+  int n;
+  char data[4000];  // kernel parameters are limited to 4 KiB
+};
+__global__ void upload_kernel(ParamChunk c) {
+  for (int i = threadIdx.x; i < c.n; i += blockDim.x) c.dst[i] = c.data[i];
 }
 
-template <typename src_t, typename dst_t, typename acc_t>
-void run_typed(const std::vector<Job>& jobs) {
-  std::vector<DevJob> djobs;
+// Host-side blob builder: 16-byte aligned appends.
+struct Blob {
+  std::vector<char> bytes;
+  int64_t put(const void* p, size_t n) {
+    const size_t off = (bytes.size() + 15) / 16 * 16;
+    bytes.resize(off + n);
+    if (n) std::memcpy(bytes.data() + off, p, n);
+    return static_cast<int64_t>(off);
+  }
+};
+
+template <typename acc_t>
+DevTable pack(const Table<acc_t>& t, Blob& b) {
+  return {t.K, b.put(t.start.data(), t.start.size() * sizeof(int64_t)), b.put(t.w.data(), t.w.size() * sizeof(acc_t))};
+}
+
+// The blob on the device, on the current stream: [jobs][terms][tables and affines].
+at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(b.bytes.size());
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture == cudaStreamCaptureStatusNone) {
+    auto host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), b.bytes.data(), n);
+    return host.to(device, /*non_blocking=*/true);
+  }
+  auto dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
+  char* d = static_cast<char*>(dev.data_ptr());
+  ParamChunk c;
+  for (int64_t off = 0; off < n; off += sizeof(c.data)) {
+    c.dst = d + off;
+    c.n = static_cast<int>(std::min<int64_t>(sizeof(c.data), n - off));
+    std::memcpy(c.data, b.bytes.data() + off, c.n);
+    upload_kernel<<<1, kThreads, 0, stream>>>(c);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return dev;
+}
+
+template <typename src_t, typename dst_t, typename acc_t, typename idx_t>
+void run_indexed(const std::vector<Job>& jobs, int64_t total) {
+  std::vector<DevJob<idx_t>> djobs;
   std::vector<DevTerm> dterms;
-  std::vector<char> buf;
-  int64_t total = 0;
+  Blob tables;
+  int64_t first = 0;
+  auto div = [](int64_t d) { return Div<idx_t>(static_cast<idx_t>(std::max<int64_t>(d, 1))); };
   for (const auto& job : jobs) {
     const View dv = make_view(job.dst, job.channels_last);
-    DevJob dj{job.dst.data_ptr(), dev_view(dv), total, static_cast<int64_t>(dterms.size()),
-              static_cast<int64_t>(job.terms.size()), -1, dv.channels, job.channels_last};
+    const int64_t inner = dv.cl ? dv.cp : dv.W, mid = dv.cl ? dv.W : 1;
+    const int64_t chunks = (inner + kVec - 1) / kVec;
+    const int64_t items = dv.planes * dv.H * mid * chunks;
+    if (items == 0) continue;
+    DevJob<idx_t> dj{job.dst.data_ptr(), dv.s_outer, dv.s_inner, dv.row, dv.px,
+                     div(chunks), div(mid), div(dv.H), div(dv.pdiv),
+                     static_cast<idx_t>(inner), static_cast<idx_t>(first),
+                     static_cast<int64_t>(dterms.size()), static_cast<int64_t>(job.terms.size()),
+                     -1, dv.channels, dv.cl};
     for (const auto& t : job.terms) {
       const auto [th, tw] = term_tables<acc_t>(t);
       const View sv = make_view(t.src, job.channels_last);
-      dterms.push_back(DevTerm{t.src.data_ptr(), dev_view(sv), pack(th, buf), pack(tw, buf)});
+      dterms.push_back(DevTerm{t.src.data_ptr(), sv.s_outer, sv.s_inner, sv.row, sv.px, pack(th, tables),
+                               pack(tw, tables)});
     }
     if (!job.scale.empty()) {
       std::vector<acc_t> affine(job.scale.begin(), job.scale.end());
       affine.insert(affine.end(), job.shift.begin(), job.shift.end());
-      const size_t off = (buf.size() + 15) / 16 * 16;
-      buf.resize(off + affine.size() * sizeof(acc_t));
-      std::memcpy(buf.data() + off, affine.data(), affine.size() * sizeof(acc_t));
-      dj.affine = static_cast<int64_t>(off);
+      dj.affine = tables.put(affine.data(), affine.size() * sizeof(acc_t));
     }
-    total += dv.planes * dv.H * dv.W * dv.cp;
+    first += items;
     djobs.push_back(dj);
   }
-  if (total == 0) return;
-  // One pinned host blob -> one device copy: [jobs][terms][tables and affines].
-  const size_t jobs_bytes = djobs.size() * sizeof(DevJob);
-  const size_t terms_off = (jobs_bytes + 15) / 16 * 16;
-  const size_t buf_off = (terms_off + dterms.size() * sizeof(DevTerm) + 15) / 16 * 16;
+  TORCH_INTERNAL_ASSERT(first == total);
+  if (djobs.empty()) return;
+  Blob blob;
+  const int64_t jobs_off = blob.put(djobs.data(), djobs.size() * sizeof(DevJob<idx_t>));
+  const int64_t terms_off = blob.put(dterms.data(), dterms.size() * sizeof(DevTerm));
+  const int64_t tables_off = blob.put(tables.bytes.data(), tables.bytes.size());
   const auto device = jobs[0].dst.device();
-  auto host = at::empty({static_cast<int64_t>(buf_off + buf.size())},
-                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  char* h = static_cast<char*>(host.data_ptr());
-  std::memcpy(h, djobs.data(), jobs_bytes);
-  std::memcpy(h + terms_off, dterms.data(), dterms.size() * sizeof(DevTerm));
-  std::memcpy(h + buf_off, buf.data(), buf.size());
-  auto dev = host.to(device, /*non_blocking=*/true);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor dev = upload(blob, device, stream);
   const char* d = static_cast<const char*>(dev.data_ptr());
-  const int threads = 256;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sms * 32);
-  resample_kernel<src_t, dst_t, acc_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const DevJob*>(d), static_cast<int64_t>(djobs.size()),
-      reinterpret_cast<const DevTerm*>(d + terms_off), d + buf_off, total);
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, sms * 16);
+  resample_kernel<src_t, dst_t, acc_t, idx_t><<<blocks, kThreads, 0, stream>>>(
+      reinterpret_cast<const DevJob<idx_t>*>(d + jobs_off), static_cast<int>(djobs.size()),
+      reinterpret_cast<const DevTerm*>(d + terms_off), d + tables_off, static_cast<idx_t>(total));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // `dev` goes back to the caching allocator here; it is stream-ordered, so the block is
+  // not handed out to other work on this stream before the kernel has run.
+}
+
+template <typename src_t, typename dst_t, typename acc_t>
+void run_typed(const std::vector<Job>& jobs) {
+  int64_t total = 0;
+  for (const auto& job : jobs) {
+    const View dv = make_view(job.dst, job.channels_last);
+    const int64_t inner = dv.cl ? dv.cp : dv.W, mid = dv.cl ? dv.W : 1;
+    total += dv.planes * dv.H * mid * ((inner + kVec - 1) / kVec);
+  }
+  if (total == 0) return;
+  // 32-bit items need total + grid stride < 2^32 and divisors below 2^31 (IntDivider).
+  if (total < std::numeric_limits<int32_t>::max())
+    run_indexed<src_t, dst_t, acc_t, uint32_t>(jobs, total);
+  else
+    run_indexed<src_t, dst_t, acc_t, uint64_t>(jobs, total);
 }
 
 void run_cuda(const std::vector<Job>& jobs) {

@@ -48,11 +48,16 @@ MSFAST_HD T msf_max(T a, T b) { return a < b ? b : a; }
 // scale, and <= 0 when it was given by size; ATen uses 1 / scale_factor in that case, not
 // in / out, and the two differ (7 * 0.6 -> 4 pixels, ratio 1.667 against 1.75).
 //
-// `cl_nearest` picks between ATen's two CPU nearest kernels, whose index formulas differ in
-// rounding: its channels-last kernel (nearest_idx / nearest_exact_idx, taken when the input
-// is channels_last with C > 3, or when out_h + out_w <= 128) and its generic one (the
-// HelperInterpNearest formulas). msfast follows the same rule, so nearest modes are
-// bitwise equal to F.interpolate on the CPU.
+// `nearest` picks which of ATen's nearest-neighbour formulas to follow; they differ in
+// rounding, and msfast follows the one F.interpolate would run, so nearest modes are bitwise
+// equal to it:
+//   kNearestCpuGeneric: the CPU's generic kernel (the HelperInterpNearest formulas);
+//   kNearestCpuChannelsLast: the CPU's channels-last kernel (nearest_idx / nearest_exact_idx),
+//     which ATen takes when the input is channels_last with C > 3, or out_h + out_w <= 128;
+//   kNearestCuda: the CUDA kernels (nearest_neighbor[_exact]_compute_source_index): the
+//     channels-last formulas without their 1x and 2x shortcuts.
+enum NearestRule : int { kNearestCpuGeneric = 0, kNearestCpuChannelsLast = 1, kNearestCuda = 2 };
+
 struct Axis {
   int mode;
   bool antialias;
@@ -60,7 +65,7 @@ struct Axis {
   int64_t in;
   int64_t out;
   double scale_opt;
-  bool cl_nearest = false;
+  int nearest = kNearestCpuGeneric;
 };
 
 // ATen's compute_scales_value.
@@ -133,13 +138,17 @@ MSFAST_HD int64_t axis_taps(const Axis& a, int64_t o, int64_t* first, T* w) {
   const int64_t last = a.in - 1;
   if (a.mode == kNearest || a.mode == kNearestExact) {
     float f;
-    if (a.cl_nearest) {
-      // nearest_idx / nearest_exact_idx: a float scale, shortcuts for 1x and 2x, and
-      // (o + 0.5) * s in double for nearest-exact; floorf rounds to float first.
+    if (a.nearest != kNearestCpuGeneric) {
+      // nearest_idx / nearest_exact_idx: a float scale, shortcuts for 1x and 2x (CPU only),
+      // and (o + 0.5) * s in double for nearest-exact; floorf rounds to float first. The
+      // CUDA kernels compute (o + 0.5f) * s in float: the same value, since the exact
+      // product of two floats fits a double, which then rounds to float as the float
+      // product does.
       const float s = scales_value<float>(a);
-      if (a.mode == kNearest && a.out == a.in) {
+      const bool cpu = a.nearest == kNearestCpuChannelsLast;
+      if (cpu && a.mode == kNearest && a.out == a.in) {
         f = static_cast<float>(o);
-      } else if (a.mode == kNearest && a.out == 2 * a.in) {
+      } else if (cpu && a.mode == kNearest && a.out == 2 * a.in) {
         f = static_cast<float>(o >> 1);
       } else {
         f = a.mode == kNearest ? static_cast<float>(o) * s
