@@ -61,12 +61,16 @@ def cuda_kernels_enabled() -> bool:
     return CUDA_KERNELS_VALIDATED
 
 
+# Read once: torch.compile cannot trace a call into the extension module (only os.environ).
+_CUDA_BUILT = _C is not None and bool(_C.cuda_built())
+
+
 def kernels_available(device_type: str) -> bool:
     """Whether msfast.* runs compiled kernels for this device type ("cpu", "cuda", "meta")."""
     if _C is None:
         return False
     if device_type == "cuda":
-        return bool(_C.cuda_built()) and cuda_kernels_enabled()
+        return _CUDA_BUILT and cuda_kernels_enabled()
     return device_type in ("cpu", "meta")
 
 
@@ -90,7 +94,7 @@ def _use_kernels(device: torch.device) -> bool:
     if _C is not None and device.type not in _warned_devices:
         _warned_devices.add(device.type)
         why = "in this build"
-        if device.type == "cuda" and _C.cuda_built():
+        if device.type == "cuda" and _CUDA_BUILT:
             why = "enabled (set MSFAST_CUDA_KERNELS=1 to use the compiled, not yet GPU-validated kernels)"
         warnings.warn(
             f"msfast: no compiled kernels for device type '{device.type}' {why}; "

@@ -158,12 +158,30 @@ def test_uint8_normalize_matches_cpu(gen):
 @pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
 def test_nearest_follows_atens_cuda_rule(mode, gen):
     """ATen's CUDA nearest kernels have no 1x / 2x shortcut (its CPU channels-last kernel has):
-    scale 2.05 maps 10 rows to 20 and 1.2 maps 3 columns to 3, where the two rules differ."""
-    x = randn(gen, 2, 4, 10, 3, device="cuda")
-    for s in (2.05, 1.2, 0.61):
-        got = msfast.pyramid(x, [s], mode=mode)[0]
-        want = F.interpolate(x, scale_factor=s, mode=mode)
-        assert torch.equal(got, want), f"scale {s}"
+    scale 2.05 maps 10 rows to 20, 1.2 maps 3 columns to 3 and 1.1 maps 6 to 6, where the rules
+    differ."""
+    x = randn(gen, 2, 4, 10, 6, device="cuda")
+    for cl in (False, True):
+        xl = x.contiguous(memory_format=torch.channels_last) if cl else x
+        for s in (2.05, 1.2, 0.61, 1.1):
+            got = msfast.pyramid(xl, [s], mode=mode)[0]
+            want = F.interpolate(xl, scale_factor=s, mode=mode)
+            assert torch.equal(got, want), f"scale {s}, channels_last={cl}"
+
+
+def test_antialias_is_as_close_to_aten_cuda_as_aten_cpu_is(gen):
+    """msfast follows ATen's CPU antialias formulas on both devices; ATen's CUDA kernel rounds
+    its weights differently (up to ~5e-5 on a 512-wide float32 image). msfast's CUDA result must
+    be no further from ATen's CUDA result than ATen's own CPU result is."""
+    x = randn(gen, 1, 3, 256, 512)
+    for mode in ("bilinear", "bicubic"):
+        for s in (0.75, 0.3):
+            got = msfast.pyramid(x.cuda(), [s], mode=mode, antialias=True)[0].cpu()
+            aten_cuda = F.interpolate(x.cuda(), scale_factor=s, mode=mode, antialias=True).cpu()
+            aten_cpu = F.interpolate(x, scale_factor=s, mode=mode, antialias=True)
+            gap = (aten_cpu - aten_cuda).abs().max().item()
+            assert (got - aten_cuda).abs().max().item() <= gap + 2e-6, (mode, s)
+            torch.testing.assert_close(got, aten_cpu, **tol(torch.float32))
 
 
 def _far_corner_of_upscale(f, factor):

@@ -26,8 +26,10 @@ def test_live_outputs_are_never_reused(device, gen):
     gc.collect()
     for lv, snap in zip(first, snapshot):
         assert torch.equal(lv, snap)
-    for lv, r in zip(first, ref_pyramid(x, scales=[1.0, 0.75])):
-        torch.testing.assert_close(lv, r, **tol(torch.float32))
+    # Against ATen's CPU kernels, whose formulas msfast follows on both devices (ATen's CUDA
+    # antialias kernel rounds differently, by up to ~5e-5 here: see test_cuda.py).
+    for lv, r in zip(first, ref_pyramid(x.cpu(), scales=[1.0, 0.75])):
+        torch.testing.assert_close(lv.cpu(), r, **tol(torch.float32))
 
 
 def test_reused_blocks_are_fully_rewritten(device, gen):

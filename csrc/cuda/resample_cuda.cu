@@ -11,6 +11,7 @@
 // Work items are numbered in 32-bit with multiply-shift division whenever they fit (the
 // common case: 64-bit division costs dozens of instructions), else in 64-bit.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CachingHostAllocator.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -59,10 +60,17 @@ struct alignas(sizeof(T) * kVec) Packed {
   T v[kVec];
 };
 
+// Descriptors (jobs, then terms) are copied to shared memory once per block: every item
+// reads them, and from global memory their chain of dependent loads dominated the run time.
 template <typename src_t, typename dst_t, typename acc_t, typename idx_t>
 __global__ void __launch_bounds__(kThreads)
-resample_kernel(const DevJob<idx_t>* __restrict__ jobs, int n_jobs, const DevTerm* __restrict__ terms,
+resample_kernel(const char* __restrict__ desc, int desc_bytes, int n_jobs, int terms_off,
                 const char* __restrict__ buf, idx_t total) {
+  extern __shared__ int4 smem[];
+  for (int i = threadIdx.x; i < desc_bytes / 16; i += kThreads) smem[i] = reinterpret_cast<const int4*>(desc)[i];
+  __syncthreads();
+  const DevJob<idx_t>* jobs = reinterpret_cast<const DevJob<idx_t>*>(smem);
+  const DevTerm* terms = reinterpret_cast<const DevTerm*>(reinterpret_cast<const char*>(smem) + terms_off);
   const idx_t stride = static_cast<idx_t>(gridDim.x) * kThreads;
   for (idx_t item = static_cast<idx_t>(blockIdx.x) * kThreads + threadIdx.x; item < total; item += stride) {
     // The job of this item: jobs are few, a binary search over their prefix sums.
@@ -161,12 +169,18 @@ at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream) 
   const int64_t n = static_cast<int64_t>(b.bytes.size());
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture == cudaStreamCaptureStatusNone) {
-    auto host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.data_ptr(), b.bytes.data(), n);
-    return host.to(device, /*non_blocking=*/true);
-  }
   auto dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
+  if (capture == cudaStreamCaptureStatusNone) {
+    // A pinned staging block, handed back to the caching host allocator with an event on
+    // this stream (what Tensor.to(non_blocking=True) does, minus the aten ops: the copy is
+    // msfast's own bookkeeping, not a copy of user data).
+    at::HostAllocator* alloc = at::getHostAllocator(at::kCUDA);
+    at::DataPtr host = alloc->allocate(n);
+    std::memcpy(host.get(), b.bytes.data(), n);
+    C10_CUDA_CHECK(cudaMemcpyAsync(dev.data_ptr(), host.get(), n, cudaMemcpyHostToDevice, stream));
+    alloc->record_event(host.get(), host.get_context(), at::cuda::getCurrentCUDAStream().unwrap());
+    return dev;
+  }
   char* d = static_cast<char*>(dev.data_ptr());
   ParamChunk c;
   for (int64_t off = 0; off < n; off += sizeof(c.data)) {
@@ -213,19 +227,24 @@ void run_indexed(const std::vector<Job>& jobs, int64_t total) {
   }
   TORCH_INTERNAL_ASSERT(first == total);
   if (djobs.empty()) return;
+  // [jobs][terms] (copied to shared memory by each block), then [tables and affines].
   Blob blob;
-  const int64_t jobs_off = blob.put(djobs.data(), djobs.size() * sizeof(DevJob<idx_t>));
+  blob.put(djobs.data(), djobs.size() * sizeof(DevJob<idx_t>));
   const int64_t terms_off = blob.put(dterms.data(), dterms.size() * sizeof(DevTerm));
+  const int64_t desc_bytes = (static_cast<int64_t>(blob.bytes.size()) + 15) / 16 * 16;
   const int64_t tables_off = blob.put(tables.bytes.data(), tables.bytes.size());
   const auto device = jobs[0].dst.device();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(desc_bytes <= static_cast<int64_t>(props->sharedMemPerBlock),
+              "msfast: too many pyramid levels or features in one call (", djobs.size(), " outputs, ",
+              dterms.size(), " inputs)");
   const at::Tensor dev = upload(blob, device, stream);
   const char* d = static_cast<const char*>(dev.data_ptr());
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, sms * 16);
-  resample_kernel<src_t, dst_t, acc_t, idx_t><<<blocks, kThreads, 0, stream>>>(
-      reinterpret_cast<const DevJob<idx_t>*>(d + jobs_off), static_cast<int>(djobs.size()),
-      reinterpret_cast<const DevTerm*>(d + terms_off), d + tables_off, static_cast<idx_t>(total));
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, props->multiProcessorCount * 16);
+  resample_kernel<src_t, dst_t, acc_t, idx_t><<<blocks, kThreads, desc_bytes, stream>>>(
+      d, static_cast<int>(desc_bytes), static_cast<int>(djobs.size()), static_cast<int>(terms_off),
+      d + tables_off, static_cast<idx_t>(total));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // `dev` goes back to the caching allocator here; it is stream-ordered, so the block is
   // not handed out to other work on this stream before the kernel has run.

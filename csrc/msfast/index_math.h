@@ -55,7 +55,8 @@ MSFAST_HD T msf_max(T a, T b) { return a < b ? b : a; }
 //   kNearestCpuChannelsLast: the CPU's channels-last kernel (nearest_idx / nearest_exact_idx),
 //     which ATen takes when the input is channels_last with C > 3, or out_h + out_w <= 128;
 //   kNearestCuda: the CUDA kernels (nearest_neighbor[_exact]_compute_source_index): the
-//     channels-last formulas without their 1x and 2x shortcuts.
+//     channels-last formulas, with the identity for an axis whose size does not change (in
+//     both modes) but no 2x shortcut.
 enum NearestRule : int { kNearestCpuGeneric = 0, kNearestCpuChannelsLast = 1, kNearestCuda = 2 };
 
 struct Axis {
@@ -139,14 +140,14 @@ MSFAST_HD int64_t axis_taps(const Axis& a, int64_t o, int64_t* first, T* w) {
   if (a.mode == kNearest || a.mode == kNearestExact) {
     float f;
     if (a.nearest != kNearestCpuGeneric) {
-      // nearest_idx / nearest_exact_idx: a float scale, shortcuts for 1x and 2x (CPU only),
-      // and (o + 0.5) * s in double for nearest-exact; floorf rounds to float first. The
+      // nearest_idx / nearest_exact_idx: a float scale, shortcuts for 1x and 2x (see
+      // NearestRule), and (o + 0.5) * s in double for nearest-exact; floorf rounds to float first. The
       // CUDA kernels compute (o + 0.5f) * s in float: the same value, since the exact
       // product of two floats fits a double, which then rounds to float as the float
       // product does.
       const float s = scales_value<float>(a);
       const bool cpu = a.nearest == kNearestCpuChannelsLast;
-      if (cpu && a.mode == kNearest && a.out == a.in) {
+      if ((cpu && a.mode == kNearest && a.out == a.in) || (!cpu && a.out == a.in)) {
         f = static_cast<float>(o);
       } else if (cpu && a.mode == kNearest && a.out == 2 * a.in) {
         f = static_cast<float>(o >> 1);
