@@ -6,6 +6,7 @@
 #   tests.xml        JUnit report of `pytest -m cuda`
 #   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
 #   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
+#   profile.txt      torch.profiler tables: host and kernel time (benchmarks/gpu_profile.py)
 # to OUTDIR, in about 6 minutes on an H100 machine (16 cores).
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then commit the JSONs as benchmarks/results/<device>*.json (they name the GPU, the date, the
@@ -42,4 +43,7 @@ t=$(date +%s)
 timeout 150 $PY -m msfast bench --device cuda --dtypes float32 --cases fpn_concat,pyramid_n1 --layouts nchw \
   --reps 15 --out "$OUT/compile"
 echo "bench with torch.compile rc=$? in $(( $(date +%s) - t )) s"
+t=$(date +%s)
+timeout 90 $PY benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
+echo "profile rc=$? in $(( $(date +%s) - t )) s (profile.txt)"
 echo "total $(( $(date +%s) - start )) s"
