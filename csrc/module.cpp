@@ -14,12 +14,16 @@ namespace msfast {
 bool cuda_kernels_built();
 const char* cpu_isa();  // csrc/cpu/resample_cpu.cpp
 void empty_cpu_cache();  // csrc/cpu/out_cache.cpp
+void set_cpu_runner(const std::string& name);  // csrc/cpu/gather_cpu.cpp
 }  // namespace msfast
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "msfast compiled kernels";
   m.def("cuda_built", &msfast::cuda_kernels_built, "True when the CUDA kernels were compiled in");
   m.def("empty_cpu_cache", &msfast::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
+  m.def("_set_cpu_runner", &msfast::set_cpu_runner,
+        "Testing hook: run CPU calls with the CPU kernels ('native', the default) or with the CUDA "
+        "kernel's code ('gather'; 'gather64' forces its 64-bit index path)");
   m.def("build_info", []() {
     pybind11::dict d;
     d["torch_version"] = MSFAST_TORCH_VERSION;

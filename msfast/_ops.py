@@ -153,7 +153,7 @@ def pyramid(
     if not _use_kernels(x.device):
         return reference.pyramid(x, scales, sizes, mode=mode, antialias=antialias, align_corners=align_corners,
                                  mean=mean, std=std, out_dtype=out_dtype)
-    return torch.ops.msfast.pyramid(x, _flat(a.sizes), a.scales, a.mode, a.antialias, a.align_corners,
+    return _OPS.pyramid(x, _flat(a.sizes), a.scales, a.mode, a.antialias, a.align_corners,
                                     a.mean, a.std, a.out_dtype)
 
 
@@ -181,17 +181,32 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
     if not _use_kernels(features[0].device):
         return reference.upsample_concat(features, size, mode=mode, align_corners=align_corners, out=out)
     if out is None:
-        return torch.ops.msfast.upsample_concat(features, list(size), mode, align_corners)
+        return _OPS.upsample_concat(features, list(size), mode, align_corners)
     if torch.is_grad_enabled() and any(f.requires_grad for f in features):
         raise RuntimeError(
             "msfast.upsample_concat(out=...) does not support automatic differentiation: "
             "call it without out= when the features require grad"
         )
-    torch.ops.msfast.upsample_concat.out(features, list(size), mode, align_corners, out=out)
+    _OPS.upsample_concat_out(features, list(size), mode, align_corners, out=out)
     return out
 
 
 # --------------------------------------------------------------- fake kernels, autograd
+
+class _Overloads:
+    """The operators' overloads, looked up once: resolving ``torch.ops.msfast.pyramid`` per call
+    costs about 10 us, as much as a small CPU call itself."""
+
+    def __init__(self):
+        ops = torch.ops.msfast
+        self.pyramid = ops.pyramid.default
+        self.pyramid_backward = ops.pyramid_backward.default
+        self.upsample_concat = ops.upsample_concat.default
+        self.upsample_concat_out = ops.upsample_concat.out
+        self.upsample_concat_backward = ops.upsample_concat_backward.default
+
+
+_OPS = _Overloads() if _C is not None else None
 
 if _C is not None:
 
@@ -251,7 +266,7 @@ if _C is not None:
 
     def _pyramid_bwd(ctx, grads):
         shape, scales, mode, antialias, align_corners, std, dtype, cl = ctx.args
-        gx = torch.ops.msfast.pyramid_backward(list(grads), shape, scales or None, mode, antialias, align_corners,
+        gx = _OPS.pyramid_backward(list(grads), shape, scales or None, mode, antialias, align_corners,
                                                std, dtype, cl)
         return gx, None, _no_grad(scales), None, None, None, None, None, None
 
@@ -271,7 +286,7 @@ if _C is not None:
         if gg is not None and live:
             sizes = _flat([ctx.levels[k][:2] for k in live])
             sc = [scales[k] for k in live] if scales else None
-            res = torch.ops.msfast.pyramid(gg, sizes, sc, mode, antialias, align_corners, None, std,
+            res = _OPS.pyramid(gg, sizes, sc, mode, antialias, align_corners, None, std,
                                            ctx.levels[live[0]][2])
             for k, r in zip(live, res):
                 out[k] = r
@@ -287,7 +302,7 @@ if _C is not None:
 
     def _concat_bwd(ctx, grad):
         mode, align_corners, cl = ctx.args
-        grads = torch.ops.msfast.upsample_concat_backward(grad, ctx.shapes, mode, align_corners, cl)
+        grads = _OPS.upsample_concat_backward(grad, ctx.shapes, mode, align_corners, cl)
         return list(grads), None, None, None
 
     torch.library.register_autograd("msfast::upsample_concat", _concat_bwd, setup_context=_concat_setup)
@@ -306,7 +321,7 @@ if _C is not None:
             g if g is not None else ref.new_zeros((ref.shape[0], *ctx.shapes[3 * i : 3 * i + 3]))
             for i, g in enumerate(ggs)
         ]
-        return torch.ops.msfast.upsample_concat(feats, [H, W], mode, align_corners), None, None, None, None
+        return _OPS.upsample_concat(feats, [H, W], mode, align_corners), None, None, None, None
 
     torch.library.register_autograd("msfast::upsample_concat_backward", _concat_backward_bwd,
                                     setup_context=_concat_backward_setup)

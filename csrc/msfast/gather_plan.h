@@ -1,0 +1,133 @@
+// Host side of the gather kernel (msfast/gather.h): a call's jobs turned into descriptors and
+// one starts[] / weights[] pair of arrays holding every tap table. Built identically for the
+// CUDA kernel and for the CPU run of the same kernel code (csrc/cpu/gather_cpu.cpp).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "msfast/gather.h"
+#include "msfast/ops.h"
+
+namespace msfast {
+
+template <typename acc_t, typename I>
+struct GatherPlan {
+  using index_t = I;
+  std::vector<GJob<I>> jobs;
+  std::vector<GTerm<I>> terms;
+  std::vector<int32_t> starts;
+  std::vector<acc_t> weights;
+  int64_t total = 0;  // work items
+};
+
+// Work items of a destination: kVec-value chunks of its output runs.
+inline int64_t job_items(const View& dv) {
+  const int64_t inner = dv.cl ? dv.cp : dv.W, mid = dv.cl ? dv.W : 1;
+  return dv.planes * dv.H * mid * ((inner + kVec - 1) / kVec);
+}
+
+// The largest element offset a tensor's strides reach from its data pointer.
+inline int64_t max_offset(const at::Tensor& t) {
+  int64_t m = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) == 0) return 0;
+    m += (t.size(d) - 1) * t.stride(d);
+  }
+  return m;
+}
+
+// Testing hook (msfast._C._set_cpu_runner("gather64")): plan in 64-bit even where 32 fits,
+// so CPU tests cover the 64-bit index path without 2^31-element tensors.
+inline std::atomic<bool>& gather_force_int64() {
+  static std::atomic<bool> force{false};
+  return force;
+}
+
+// Whether every offset and item index of the call fits the 32-bit path (a margin covers the
+// grid stride added to an item index and the weights appended after the tables).
+inline bool gather_fits_int32(const std::vector<Job>& jobs) {
+  if (gather_force_int64().load()) return false;
+  constexpr int64_t lim = (int64_t{1} << 31) - (int64_t{1} << 24);
+  int64_t total = 0, taps = 0;
+  for (const auto& job : jobs) {
+    total += job_items(make_view(job.dst, job.channels_last));
+    if (max_offset(job.dst) >= lim) return false;
+    for (const auto& t : job.terms) {
+      if (max_offset(t.src) >= lim) return false;
+      taps += (t.h.in + t.h.out) * 64 + (t.w.in + t.w.out) * 64;  // generous bound on table sizes
+    }
+  }
+  return total < lim && taps < lim;
+}
+
+template <typename acc_t, typename I>
+GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
+  using U = std::make_unsigned_t<I>;
+  GatherPlan<acc_t, I> g;
+  auto div = [](int64_t d) { return Divider<I>(static_cast<U>(std::max<int64_t>(d, 1))); };
+  auto put = [&](const Table<acc_t>& t, I& s, I& w) {
+    s = static_cast<I>(g.starts.size());
+    for (int64_t v : t.start) g.starts.push_back(static_cast<int32_t>(v));
+    w = static_cast<I>(g.weights.size());
+    g.weights.insert(g.weights.end(), t.w.begin(), t.w.end());
+  };
+  for (const auto& job : jobs) {
+    const View dv = make_view(job.dst, job.channels_last);
+    const int64_t items = job_items(dv);
+    if (items == 0) continue;
+    const int64_t inner = dv.cl ? dv.cp : dv.W, mid = dv.cl ? dv.W : 1;
+    GJob<I> gj;
+    gj.dst = job.dst.data_ptr();
+    gj.s_outer = static_cast<I>(dv.s_outer);
+    gj.s_inner = static_cast<I>(dv.s_inner);
+    gj.row = static_cast<I>(dv.row);
+    gj.px = static_cast<I>(dv.px);
+    gj.chunks = div((inner + kVec - 1) / kVec);
+    gj.mid = div(mid);
+    gj.H = div(dv.H);
+    gj.pdiv = div(dv.pdiv);
+    gj.inner = static_cast<U>(inner);
+    gj.first_item = static_cast<U>(g.total);
+    gj.first_term = static_cast<int32_t>(g.terms.size());
+    gj.n_terms = static_cast<int32_t>(job.terms.size());
+    gj.affine = -1;
+    gj.channels = static_cast<I>(dv.channels);
+    gj.cl = dv.cl;
+    for (const auto& t : job.terms) {
+      const auto [th, tw] = term_tables<acc_t>(t);
+      const View sv = make_view(t.src, job.channels_last);
+      GTerm<I> gt;
+      gt.src = t.src.data_ptr();
+      gt.s_outer = static_cast<I>(sv.s_outer);
+      gt.s_inner = static_cast<I>(sv.s_inner);
+      gt.row = static_cast<I>(sv.row);
+      gt.px = static_cast<I>(sv.px);
+      gt.Ky = static_cast<int32_t>(th.K);
+      gt.Kx = static_cast<int32_t>(tw.K);
+      put(th, gt.ys, gt.yw);
+      put(tw, gt.xs, gt.xw);
+      g.terms.push_back(gt);
+    }
+    if (!job.scale.empty()) {
+      gj.affine = static_cast<I>(g.weights.size());
+      for (double v : job.scale) g.weights.push_back(static_cast<acc_t>(v));
+      for (double v : job.shift) g.weights.push_back(static_cast<acc_t>(v));
+    }
+    g.total += items;
+    g.jobs.push_back(gj);
+  }
+  return g;
+}
+
+// Calls f(plan) with the plan in the narrowest index type the call fits.
+template <typename acc_t, typename F>
+void with_gather_plan(const std::vector<Job>& jobs, F&& f) {
+  if (gather_fits_int32(jobs)) return f(make_gather_plan<acc_t, int32_t>(jobs));
+  f(make_gather_plan<acc_t, int64_t>(jobs));
+}
+
+}  // namespace msfast

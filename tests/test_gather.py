@@ -1,0 +1,148 @@
+"""The CUDA kernel's arithmetic, checked on the CPU.
+
+csrc/msfast/gather.h holds what each CUDA thread computes (gather_item) and gather_plan.h the
+descriptors and tables the CUDA launcher uploads. ``msfast._C._set_cpu_runner("gather")`` makes
+CPU calls run that same code item by item, so these tests check the CUDA path's indexing, tails,
+vector stores, channel slices, affine and 32/64-bit index variants against the reference on a
+machine without a GPU. ("gather64" forces the 64-bit index path that only tensors past 2^31
+elements would take on a GPU.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GRAD_TOL, make_input, randn, ref_pyramid, ref_upsample_concat, tol
+
+import msfast
+from msfast import _ops
+
+pytestmark = pytest.mark.skipif(_ops._C is None, reason="msfast._C is not built")
+
+PYRAMID_COMBOS = [
+    ("bilinear", None, True), ("bilinear", None, False), ("bilinear", True, False),
+    ("bicubic", None, True), ("bicubic", None, False), ("bicubic", True, False),
+    ("nearest", None, None), ("nearest-exact", None, None), ("area", None, None),
+]
+CONCAT_COMBOS = [("bilinear", False), ("bilinear", True), ("bicubic", None), ("nearest", None),
+                 ("nearest-exact", None)]
+# W = 23 and 13: runs that end in a partial chunk; W = 48 and 40: whole chunks (vector stores).
+SHAPE = (2, 3, 17, 23)
+SCALES = [1.0, 0.5, 1.7, 0.3]
+FEATURES = [(5, 8, 13), (3, 4, 7), (8, 20, 48)]
+SIZE = (21, 40)
+
+
+@pytest.fixture(params=["gather", "gather64"])
+def runner(request):
+    _ops._C._set_cpu_runner(request.param)
+    try:
+        yield request.param
+    finally:
+        _ops._C._set_cpu_runner("native")
+
+
+def _native(fn):
+    """fn() with the CPU kernels (the runner fixture restores its own runner only at teardown,
+    so call this last)."""
+    _ops._C._set_cpu_runner("native")
+    return fn()
+
+
+def _combo_kw(mode, ac, aa):
+    kw = {"mode": mode}
+    if ac is not None:
+        kw["align_corners"] = ac
+    if aa is not None:
+        kw["antialias"] = aa
+    return kw
+
+
+def test_runner_names_are_checked():
+    with pytest.raises(ValueError, match="cpu runner"):
+        _ops._C._set_cpu_runner("gpu")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nhwc_permuted"])
+@pytest.mark.parametrize("combo", PYRAMID_COMBOS, ids=lambda c: "-".join(map(str, c)))
+def test_pyramid_forward(combo, layout, runner, gen):
+    x = make_input(gen, SHAPE, torch.float32, layout=layout)
+    kw = _combo_kw(*combo)
+    got = msfast.pyramid(x, SCALES, **kw)
+    for g, r in zip(got, ref_pyramid(x, SCALES, **kw)):
+        torch.testing.assert_close(g, r, **tol(torch.float32, upscale=True))
+    if combo[0].startswith("nearest"):
+        for g, r in zip(got, ref_pyramid(x, SCALES, **kw)):
+            assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pyramid_dtypes_and_affine(dtype, layout, runner, gen):
+    x = make_input(gen, (2, 3, 19, 26), dtype, layout=layout)
+    kw = dict(mode="bilinear", antialias=True, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    got = msfast.pyramid(x, [1.0, 0.61, 0.25], **kw)
+    out_dtype = torch.float32 if dtype == torch.uint8 else dtype
+    for g, r in zip(got, ref_pyramid(x, [1.0, 0.61, 0.25], **kw)):
+        assert g.dtype == out_dtype
+        torch.testing.assert_close(g, r, **tol(out_dtype))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("combo", PYRAMID_COMBOS, ids=lambda c: "-".join(map(str, c)))
+def test_pyramid_backward(combo, layout, runner, gen):
+    x = make_input(gen, SHAPE, torch.float32, layout=layout).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    kw = _combo_kw(*combo)
+    outs = msfast.pyramid(x, SCALES, **kw)
+    gs = [randn(gen, *o.shape) for o in outs]
+    torch.autograd.backward(outs, gs)
+    torch.autograd.backward(ref_pyramid(xr, SCALES, **kw), gs)
+    torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
+@pytest.mark.parametrize("combo", CONCAT_COMBOS, ids=lambda c: "-".join(map(str, c)))
+def test_upsample_concat_forward_backward(combo, layout, runner, gen):
+    mode, ac = combo
+    feats = []
+    for i, (c, h, w) in enumerate(FEATURES):
+        cl = layout == "channels_last" or (layout == "mixed" and i % 2 == 1)
+        feats.append(randn(gen, 2, c, h, w, channels_last=cl, requires_grad=True))
+    refs = [f.detach().clone().requires_grad_() for f in feats]
+    out = msfast.upsample_concat(feats, SIZE, mode=mode, align_corners=ac)
+    ref = ref_upsample_concat(refs, SIZE, mode=mode, align_corners=ac)
+    torch.testing.assert_close(out, ref, **tol(torch.float32, upscale=True))
+    g = randn(gen, *out.shape)
+    out.backward(g)
+    ref.backward(g)
+    for f, r in zip(feats, refs):
+        torch.testing.assert_close(f.grad, r.grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_upsample_concat_out_channel_slices(layout, runner, gen):
+    """Into a preallocated out=: each feature lands in its channel slice (a strided view)."""
+    cl = layout == "channels_last"
+    feats = [randn(gen, 2, c, h, w, channels_last=cl) for c, h, w in FEATURES]
+    out = torch.empty(2, sum(c for c, _, _ in FEATURES), *SIZE)
+    if cl:
+        out = out.contiguous(memory_format=torch.channels_last)
+    msfast.upsample_concat(feats, SIZE, out=out)
+    torch.testing.assert_close(out, ref_upsample_concat(feats, SIZE), **tol(torch.float32, upscale=True))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_same_values_as_the_cpu_kernels(layout, runner, gen):
+    """float64: the two code paths read the same tables; they agree to rounding."""
+    x = make_input(gen, (2, 5, 31, 44), torch.float64, layout=layout)
+    got = msfast.pyramid(x, [1.0, 0.7, 0.33], mode="bicubic", antialias=True)
+    want = _native(lambda: msfast.pyramid(x, [1.0, 0.7, 0.33], mode="bicubic", antialias=True))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch(runner):
+    x = torch.randn(0, 3, 10, 12)
+    assert [tuple(t.shape) for t in msfast.pyramid(x, [1.0, 0.5])] == [(0, 3, 10, 12), (0, 3, 5, 6)]
+    assert msfast.upsample_concat([torch.randn(0, 2, 4, 4)], (8, 8)).shape == (0, 2, 8, 8)
