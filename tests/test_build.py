@@ -39,3 +39,14 @@ def test_cuda_gate(monkeypatch):
     assert not msfast.kernels_available("cuda")
     monkeypatch.setenv("MSFAST_CUDA_KERNELS", "1")
     assert msfast.kernels_available("cuda") == bool(_ops._C.cuda_built())
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_cuda_gate_is_traceable_by_torch_compile(flag, monkeypatch):
+    """The device check inside msfast.* must not break a fullgraph compile (it once called into
+    the extension module, which dynamo cannot trace; that showed only on a GPU)."""
+    monkeypatch.setenv("MSFAST_CUDA_KERNELS", flag)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x + float(msfast.kernels_available("cuda")), backend="eager", fullgraph=True)
+    want = float(flag == "1" and _ops._C.cuda_built())
+    torch.testing.assert_close(fn(torch.zeros(3)), torch.full((3,), want))
