@@ -47,6 +47,7 @@ struct JobPlan {
   std::vector<acc_t> scale_run, shift_run;
   std::vector<acc_t> scale, shift;
   bool direct = false;  // dst is acc_t with no affine: rows are computed in place
+  bool direct2 = false;  // one two-tap h_first term, no affine: RowMaker::run_direct2 writes dst
 };
 
 template <typename acc_t>
@@ -86,6 +87,21 @@ inline acc_t to_acc(src_t v) {
   }
 }
 
+// acc_t -> dst_t. bfloat16 is rounded to nearest even here with integer operations and no
+// branch (c10::BFloat16's constructor tests for NaN first), so the write loop vectorizes.
+template <typename dst_t, typename acc_t>
+inline dst_t to_dst(acc_t v) {
+  if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return at::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
+  } else {
+    return static_cast<dst_t>(v);
+  }
+}
+
 // d (+)= w * s, elementwise over a row.
 template <bool kAdd, typename src_t, typename acc_t>
 inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd) {
@@ -100,15 +116,22 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
 }
 
 // d (+)= w0 * s0 + w1 * s1, elementwise over a row (s0, s1: packed rows from the cache).
-template <bool kAdd, typename acc_t>
-inline void axpy2(const acc_t* s0, const acc_t* s1, const Row& rs, acc_t w0, acc_t w1, acc_t* d, const Row& rd) {
+// d may be the destination row itself in another type (assigning only): the conversion
+// then happens in this pass instead of a separate one.
+template <bool kAdd, typename acc_t, typename out_t>
+inline void axpy2(const acc_t* s0, const acc_t* s1, const Row& rs, acc_t w0, acc_t w1, out_t* d, const Row& rd) {
+  static_assert(!kAdd || std::is_same_v<out_t, acc_t>, "adding needs an acc_t row");
   for_runs(rs, rd, [&](int64_t so, int64_t dof, int64_t len) {
     const acc_t* __restrict__ a = s0 + so;
     const acc_t* __restrict__ b = s1 + so;
-    acc_t* __restrict__ o = d + dof;
+    out_t* __restrict__ o = d + dof;
     for (int64_t c = 0; c < len; ++c) {
       const acc_t v = w0 * a[c] + w1 * b[c];
-      o[c] = kAdd ? o[c] + v : v;
+      if constexpr (kAdd) {
+        o[c] = o[c] + v;
+      } else {
+        o[c] = to_dst<out_t>(v);
+      }
     }
   });
 }
@@ -219,20 +242,9 @@ struct RowMaker {
       vertical(plane, v, tp.th, oy, false, tmp.data(), packed_row(v.W, v.cp));
       return horizontal(tp, tmp.data(), add, out, ro);
     }
+    fill_ring(tp, plane, oy);
     const int64_t K = tp.th.K, n = tp.tw.out * v.cp, y0 = tp.th.start[oy], mask = tp.ring - 1;
-    if (static_cast<int64_t>(tag.size()) != tp.ring || static_cast<int64_t>(ring.size()) != tp.ring * n) {
-      ring.assign(tp.ring * n, acc_t(0));
-      tag.assign(tp.ring, -1);
-    }
     const Row rr = packed_row(tp.tw.out, v.cp);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t y = y0 + k, slot = y & mask;
-      if (tag[slot] == y) continue;
-      if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
-      axpy<false>(plane + y * v.row, row_of(v), acc_t(1), tmp.data(), packed_row(v.W, v.cp));
-      horizontal(tp, tmp.data(), false, ring.data() + slot * n, rr);
-      tag[slot] = y;
-    }
     const acc_t* w = tp.th.w.data() + oy * K;
     int64_t k = 0;
     if (K >= 2) {  // the first two taps in one pass: one store per output value (upscaling)
@@ -254,24 +266,40 @@ struct RowMaker {
       }
     }
   }
+  // h_first: makes the ring hold the horizontally resampled source rows output row oy reads.
+  void fill_ring(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy) {
+    const View& v = tp.v;
+    const int64_t K = tp.th.K, n = tp.tw.out * v.cp, y0 = tp.th.start[oy], mask = tp.ring - 1;
+    if (static_cast<int64_t>(tag.size()) != tp.ring || static_cast<int64_t>(ring.size()) != tp.ring * n) {
+      ring.assign(tp.ring * n, acc_t(0));
+      tag.assign(tp.ring, -1);
+    }
+    const Row rr = packed_row(tp.tw.out, v.cp);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t y = y0 + k, slot = y & mask;
+      if (tag[slot] == y) continue;
+      if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
+      axpy<false>(plane + y * v.row, row_of(v), acc_t(1), tmp.data(), packed_row(v.W, v.cp));
+      horizontal(tp, tmp.data(), false, ring.data() + slot * n, rr);
+      tag[slot] = y;
+    }
+  }
+
+  // The output row of a lone two-tap h_first term (a bilinear upscale, no affine), written
+  // straight into a destination of another type: the common bfloat16 / float16 upscale then
+  // needs no separate conversion pass over an acc_t row.
+  template <typename dst_t>
+  void run_direct2(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, dst_t* out, const Row& ro) {
+    fill_ring(tp, plane, oy);
+    const int64_t n = tp.tw.out * tp.v.cp, y0 = tp.th.start[oy], mask = tp.ring - 1;
+    const acc_t* w = tp.th.w.data() + oy * 2;
+    axpy2<false>(ring.data() + (y0 & mask) * n, ring.data() + ((y0 + 1) & mask) * n, packed_row(tp.tw.out, tp.v.cp),
+                 w[0], w[1], out, ro);
+  }
+
   // A new plane: the ring's rows belong to the previous one.
   void new_plane() { std::fill(tag.begin(), tag.end(), -1); }
 };
-
-// acc_t -> dst_t. bfloat16 is rounded to nearest even here with integer operations and no
-// branch (c10::BFloat16's constructor tests for NaN first), so the write loop vectorizes.
-template <typename dst_t, typename acc_t>
-inline dst_t to_dst(acc_t v) {
-  if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    return at::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
-  } else {
-    return static_cast<dst_t>(v);
-  }
-}
 
 // dst_row = cast(acc * scale[c] + shift[c]), acc a packed row.
 template <typename dst_t, typename acc_t>
@@ -328,6 +356,7 @@ void run_typed(const std::vector<Job>& jobs) {
       p.terms.push_back(std::move(tp));
     }
     p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty();
+    p.direct2 = !p.direct && p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_first && p.terms[0].th.K == 2;
     max_acc = std::max(max_acc, p.dst.W * p.dst.cp);
     total_values += p.dst.planes * p.dst.H * p.dst.W * p.dst.cp;
     first_item.push_back(first_item.back() + p.dst.planes * p.dst.H);
@@ -375,6 +404,10 @@ void run_typed(const std::vector<Job>& jobs) {
       dst_t* out = static_cast<dst_t*>(p.dst.data) + p.dst.plane_offset(plane);
       const int64_t rows_end = std::min<int64_t>(p.dst.H, oy + (end - item));
       const Row ra = p.direct ? row_of(p.dst) : packed_row(p.dst.W, p.dst.cp);
+      if (p.direct2) {
+        for (; oy < rows_end; ++oy, ++item)
+          makers[0].run_direct2(p.terms[0], src[0], oy, out + oy * p.dst.row, row_of(p.dst));
+      }
       for (; oy < rows_end; ++oy, ++item) {
         dst_t* row = out + oy * p.dst.row;
         // When the row needs no conversion, accumulate straight into the output.
