@@ -118,7 +118,7 @@ def _per_channel(v, name: str, channels: int):
     if len(v) != channels:
         raise ValueError(f"msfast: {name} must have one value per channel ({channels}), got {len(v)}")
     v = [float(e) for e in v]
-    if not all(math.isfinite(e) for e in v):
+    if not all(-math.inf < e < math.inf for e in v):  # not math.isfinite: see the scales check
         raise ValueError(f"msfast: {name} must be finite, got {v}")
     return v
 
@@ -149,7 +149,9 @@ def pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, ou
             if isinstance(s, bool) or not isinstance(s, Real):
                 raise TypeError(f"msfast: scales[{k}] must be a number, got {type(s).__name__}")
             s = float(s)
-            if not math.isfinite(s) or s <= 0:
+            # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a scale
+            # held by a module can be a SymFloat, which math.isfinite cannot trace. NaN fails both.
+            if not (0 < s < math.inf):
                 raise ValueError(f"msfast: scales[{k}] must be positive and finite, got {s}")
             if isinstance(H, int) and isinstance(W, int) and max(H, W) * s >= 2**63:
                 # int(inf) would raise OverflowError, a huge int an unreadable schema error.
