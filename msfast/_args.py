@@ -40,6 +40,8 @@ def is_channels_last(t: torch.Tensor) -> bool:
 def _check_tensor(t, name: str, dtypes) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"msfast: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"msfast: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != 4:
         raise ValueError(
             f"msfast: {name} must be a 4-D [N, C, H, W] tensor, got {t.dim()}-D with shape {tuple(t.shape)}"
@@ -70,6 +72,23 @@ def _align_corners(mode: str, align_corners) -> bool:
     return align_corners
 
 
+# The most bytes one tensor can span: its element count and byte size are int64 in ATen.
+MAX_BYTES = 2**63 - 1
+
+
+def _check_fits(shape, dtype: torch.dtype, name: str, what: str) -> None:
+    """An output that no allocator could provide (its byte size overflows int64) is a bad
+    argument, named as such, rather than an overflow deep inside ATen. An output that merely
+    exceeds the machine's memory is left to the allocator, which raises a RuntimeError."""
+    if not all(isinstance(v, int) for v in shape):
+        return  # symbolic sizes under torch.compile: checked when the real call runs
+    nbytes = max(shape[0], 1) * math.prod(shape[1:]) * dtype.itemsize  # N = 0 still has strides
+    if nbytes > MAX_BYTES:
+        raise ValueError(
+            f"msfast: {name} gives {what} of shape {list(shape)} ({nbytes} bytes), more than any tensor can hold"
+        )
+
+
 def _size_value(v, name: str):
     if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
         raise TypeError(f"msfast: {name} must be an int, got {type(v).__name__}")
@@ -90,13 +109,16 @@ def _per_channel(v, name: str, channels: int):
     if v is None:
         return None
     if isinstance(v, torch.Tensor):
+        if v.device.type == "meta":
+            raise TypeError(f"msfast: {name} must hold values: a sequence of numbers or a tensor with data, got a "
+                            "meta tensor")
         v = v.detach().cpu().reshape(-1).tolist()
     if not isinstance(v, (list, tuple)) or not all(isinstance(e, Real) and not isinstance(e, bool) for e in v):
         raise TypeError(f"msfast: {name} must be a sequence of numbers, got {v!r}")
     if len(v) != channels:
         raise ValueError(f"msfast: {name} must have one value per channel ({channels}), got {len(v)}")
     v = [float(e) for e in v]
-    if not all(math.isfinite(e) for e in v):
+    if not all(-math.inf < e < math.inf for e in v):  # not math.isfinite: see the scales check
         raise ValueError(f"msfast: {name} must be finite, got {v}")
     return v
 
@@ -127,8 +149,14 @@ def pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, ou
             if isinstance(s, bool) or not isinstance(s, Real):
                 raise TypeError(f"msfast: scales[{k}] must be a number, got {type(s).__name__}")
             s = float(s)
-            if not math.isfinite(s) or s <= 0:
+            # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a scale
+            # held by a module can be a SymFloat, which math.isfinite cannot trace. NaN fails both.
+            if not (0 < s < math.inf):
                 raise ValueError(f"msfast: scales[{k}] must be positive and finite, got {s}")
+            if isinstance(H, int) and isinstance(W, int) and max(H, W) * s >= 2**63:
+                # int(inf) would raise OverflowError, a huge int an unreadable schema error.
+                raise ValueError(f"msfast: scales[{k}]={s} gives a level past 2^63 rows or columns for a "
+                                 f"{H}x{W} input")
             # ATen's rule: int64(in * scale), i.e. floor for positive values.
             h, w = torch.sym_int(H * s), torch.sym_int(W * s)
             if (isinstance(h, int) and h < 1) or (isinstance(w, int) and w < 1):
@@ -154,7 +182,30 @@ def pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, ou
         out_dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype
     elif out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"msfast: out_dtype must be a floating dtype, got {out_dtype}")
+    for k, (h, w) in enumerate(out_sizes):
+        name = f"scales[{k}]={scales[k]}" if scales is not None else f"sizes[{k}]"
+        _check_fits((x.shape[0], C, h, w), out_dtype, name, f"level {k}")
     return PyramidArgs(out_sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return lo, lo + extent * t.element_size()
+
+
+def _may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of one storage whose byte spans intersect (conservative for
+    strided views that interleave without touching)."""
+    if a.device != b.device or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except (RuntimeError, NotImplementedError):  # tensors without data (fake tensors)
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
 
 
 def concat_args(features, size, mode, align_corners, out):
@@ -182,6 +233,7 @@ def concat_args(features, size, mode, align_corners, out):
     mode = _check_mode(mode, CONCAT_MODES)
     size = _pair(size, "size")
     align_corners = _align_corners(mode, align_corners)
+    _check_fits((f0.shape[0], sum(f.shape[1] for f in features), *size), f0.dtype, f"size={size}", "an output")
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"msfast: out must be a torch.Tensor, got {type(out).__name__}")
@@ -194,4 +246,12 @@ def concat_args(features, size, mode, align_corners, out):
             raise ValueError(f"msfast: out must be on {f0.device}, got {out.device}")
         if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
             raise ValueError("msfast: out must be contiguous or channels_last contiguous")
+        # The kernels write out while they read the features: a feature in out's memory would
+        # be overwritten before it is read (the reference path would not notice: its inputs
+        # to torch.cat are fresh tensors). Dynamo cannot trace data pointers; under
+        # torch.compile the C++ operator's own overlap check still runs on the real tensors.
+        if not torch.compiler.is_compiling():
+            for i, f in enumerate(features):
+                if _may_share_memory(out, f):
+                    raise ValueError(f"msfast: out must not overlap the memory of features[{i}]")
     return list(features), size, mode, align_corners

@@ -46,11 +46,26 @@ def pyramid(x, scales=None, sizes=None, *, mode="bilinear", antialias=None, alig
         work = torch.float32
     xn = normalize(x, work, a.mean, a.std)
     kw = _interp_kwargs(a.mode, a.align_corners, a.antialias)
-    if a.scales is not None:
-        levels = [F.interpolate(xn, scale_factor=s, **kw) for s in a.scales]
-    else:
-        levels = [F.interpolate(xn, size=hw, **kw) for hw in a.sizes]
+    levels = []
+    for k, (h, w) in enumerate(a.sizes):
+        where = {"scale_factor": a.scales[k]} if a.scales is not None else {"size": (h, w)}
+        if a.antialias and w == 1 and h != x.shape[2]:
+            levels.append(_one_column_antialias(xn, where, kw))
+        else:
+            levels.append(F.interpolate(xn, **where, **kw))
     return levels if work == a.out_dtype else [lv.to(a.out_dtype) for lv in levels]
+
+
+def _one_column_antialias(x, where, kw):
+    """An antialiased level one column wide. ATen's CPU antialias kernel (torch 2.14) gives
+    every row of such an output the value of row 0 when the height changes (3x1 -> 2x1 returns
+    two copies of the first row; 1xN outputs are right). The resize of the transposed image,
+    one row wide, computes the same taps and is right, so the reference takes that path."""
+    if "size" in where:
+        where = {"size": where["size"][::-1]}
+    out = F.interpolate(x.transpose(2, 3), **where, **kw).transpose(2, 3)
+    return out.contiguous(memory_format=torch.channels_last if x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
 
 
 def upsample_concat(features, size, *, mode="bilinear", align_corners=None, out=None):

@@ -21,6 +21,7 @@ from conftest import (
 )
 
 import msfast
+from msfast import reference
 
 SHAPE = (2, 3, 17, 23)
 # 1.0: identity, 2.0: the exact-2x nearest path, 0.5 / 0.6: downscales, 1.7: upscale,
@@ -147,14 +148,22 @@ def test_nearest_is_bitwise_exact_large_outputs(case, device, gen):
     ((34, 24), dict(sizes=[(31, 1), (5, 1), (34, 3)])),  # 1-wide outputs
     ((12, 39), dict(scales=[1.0407593114777323, 0.3])),  # H keeps its size but is resampled by 1 / s
 ], ids=["mixed", "one_wide", "same_size_axis"])
-def test_antialias_matches_exact_weights(mode, align_corners, case, device, gen):
+@pytest.mark.parametrize("impl", [msfast.pyramid, reference.pyramid], ids=["msfast", "reference"])
+def test_antialias_matches_exact_weights(impl, mode, align_corners, case, device, gen, request):
     """Antialias against the separable weight matrices written from the definition, not F.interpolate.
 
-    (PyTorch 2.14's CPU antialias kernel itself is wrong for some of these shapes, e.g. 34x24 -> 31x1.)
+    PyTorch 2.14's CPU antialias kernel itself is wrong for outputs one column wide whose height
+    changes (e.g. 34x24 -> 31x1: every row gets row 0's value), which the reference path works
+    around, and for an axis that keeps its size under a scale other than 1 (it skips the axis),
+    which the reference path inherits.
     """
+    if impl is reference.pyramid and "scales" in case[1] and not align_corners:
+        # Not strict on CUDA: whether ATen's CUDA kernel shares the bug has not been checked on a GPU.
+        request.applymarker(pytest.mark.xfail(strict=device == "cpu",
+                                              reason="ATen skips a same-size axis under a scale != 1"))
     (H, W), levels = case
     x = randn(gen, 2, 3, H, W, dtype=torch.float64, device=device)
-    out = msfast.pyramid(x, mode=mode, antialias=True, align_corners=align_corners, **levels)
+    out = impl(x, mode=mode, antialias=True, align_corners=align_corners, **levels)
     if "scales" in levels:
         shapes = [(math.floor(H * s), math.floor(W * s), s) for s in levels["scales"]]
     else:

@@ -134,7 +134,7 @@ def test_out_with_requires_grad_features_raises(device, gen):
 
 def test_out_overlapping_a_feature_raises(device, gen):
     f = randn(gen, 2, 3, 5, 6, device=device)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"out must not overlap the memory of features\[0\]"):
         msfast.upsample_concat([f], (5, 6), out=f)
 
 
