@@ -38,7 +38,7 @@ MODEL_KEYS = ("data", "image_size", "depth", "width", "stem", "scales", "per_sca
 class TrainConfig:
     data: str = "digits"
     image_size: int = 32
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 64
     optimizer: str = "sgd"
     lr: float | None = None  # None: LR_DEFAULTS[optimizer]

@@ -71,11 +71,14 @@ def test_load_weights_from_state_dict_and_file(tmp_path, gen):
         unused = load_torchvision_weights(dst, weights)
         assert unused == ([] if isinstance(weights, torch.nn.Module) else ["fc.bias", "fc.weight"])
         torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
-    model = MultiScaleResNet(5, depth=18, scales=(1, 0.5), shared=False)
-    load_torchvision_weights(model, str(path))
-    for trunk in model.trunks:
-        for k, v in trunk.state_dict().items():
-            assert torch.equal(v, src.state_dict()[k]), k
+    for shared in (False, True):
+        model = MultiScaleResNet(5, depth=18, scales=(1, 0.5), shared=shared)
+        load_torchvision_weights(model, str(path))
+        assert len(model.trunks) == (1 if shared else 2)
+        for trunk in model.trunks:
+            for k, v in trunk.state_dict().items():
+                # a shared trunk's running statistics: one row per level, each torchvision's
+                assert torch.equal(v, src.state_dict()[k].expand_as(v)), k
 
 
 def test_load_weights_errors(tmp_path):
@@ -188,6 +191,33 @@ def test_fusion_at_finest_resolution_and_per_scale_trunks(gen):
     assert seen["in"] == (2, 3 * 32, 4, 4)  # the scale-1 level is the finest, wherever it is listed
     # the trunks differ: per-scale weights are separate parameters
     assert not torch.equal(model.trunks[0].conv1.weight, model.trunks[1].conv1.weight)
+
+
+def test_shared_trunk_keeps_batchnorm_statistics_per_level(gen):
+    # Shared weights, but each level's BatchNorm statistics: in eval mode the shared model is
+    # the per-scale model whose trunk k holds the shared weights and level k's statistics.
+    torch.manual_seed(0)
+    kw = dict(num_classes=4, depth=18, width=4, stem="small", scales=(1, 0.5, 0.25), in_channels=1)
+    shared = MultiScaleResNet(**kw)
+    for _ in range(3):
+        shared(randn(gen, 8, 1, 16, 16) * 2 + 1)
+    bn = shared.trunks[0].layer2[0].bn1
+    assert bn.running_mean.shape == (3, 8) and bn.num_batches_tracked == 9
+    assert not torch.allclose(bn.running_mean[0], bn.running_mean[2])  # the levels differ
+    per_scale = MultiScaleResNet(**kw, shared=False)
+    sd = {}
+    for k, v in shared.state_dict().items():
+        if k.startswith("trunks.0."):
+            for level in range(3):
+                sd[f"trunks.{level}." + k[len("trunks.0."):]] = v[level] if v.ndim == 2 and "running" in k else v
+        else:
+            sd[k] = v
+    per_scale.load_state_dict(sd)
+    shared.eval()
+    per_scale.eval()
+    x = randn(gen, 3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), per_scale(x), rtol=1e-5, atol=1e-6)
 
 
 def test_single_scale_and_other_input_sizes(gen):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -156,6 +157,25 @@ def test_train_resume_eval_predict(tmp_path, capsys):
     assert "--depth 34 differs from the checkpoint's 18" in capsys.readouterr().err
 
 
+def test_train_folder_adamw_bf16_options(tmp_path, gen):
+    # the other options once: a folder of RGB images, AdamW, bfloat16 autocast, NCHW, one trunk
+    # per scale, a constant learning rate, the torch backend
+    _write_images(tmp_path / "data", ["a", "b", "c"], 6, gen)
+    cfg = T.TrainConfig(**{**TINY, "data": f"folder:{tmp_path / 'data'}", "image_size": 12, "batch_size": 4,
+                           "epochs": 2, "optimizer": "adamw", "bf16": True, "channels_last": False,
+                           "per_scale": True, "schedule": "constant", "backend": "torch", "label_smoothing": 0.0,
+                           "out": str(tmp_path / "run")})
+    res = T.train(cfg, log=lambda s: None, progress=False)
+    assert res["classes"] == ["a", "b", "c"] and len(res["history"]) == 2
+    assert all(h["lr"] == T.LR_DEFAULTS["adamw"] for h in res["history"])
+    model = res["model"]
+    assert len(model.trunks) == 2 and model.backend == "torch"
+    assert model.trunks[0].conv1.weight.shape[1] == 3  # RGB
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert isinstance(ckpt["optimizer"]["state"][0]["exp_avg"], torch.Tensor)  # AdamW's state
+    assert ckpt["model_args"]["shared"] is False and len(ckpt["model_args"]["mean"]) == 3
+
+
 def test_cli_errors(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "--checkpoint: no such file" in capsys.readouterr().err
@@ -200,9 +220,17 @@ def test_two_processes_ddp(tmp_path):
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     env.pop("MSFAST_FORCE_FALLBACK", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a session of its own: on a timeout the workers are killed with torchrun, not orphaned
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("two-process training timed out:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     p0, p1 = torch.load(out / "params0.pt"), torch.load(out / "params1.pt")
     assert p0.keys() == p1.keys() and len(p0) > 50
     start = T.MultiScaleResNet(10, depth=18, width=4, stem="small", scales=(1, 0.5), in_channels=1)
@@ -218,7 +246,7 @@ def test_two_processes_ddp(tmp_path):
     losses = [h["train_loss"] for h in metrics["history"]]
     assert len(losses) == 3 and losses[2] < losses[1] < losses[0]
     # logging on rank 0 only: every epoch line once
-    assert proc.stdout.count("epoch 1/3  lr") == 1 and proc.stdout.count("epoch 3/3  lr") == 1
-    assert "2 process(es)" in proc.stdout
+    assert stdout.count("epoch 1/3  lr") == 1 and stdout.count("epoch 3/3  lr") == 1
+    assert "2 process(es)" in stdout
     assert sorted(os.listdir(out)) == ["buffers0.pt", "buffers1.pt", "checkpoint.pt", "curves.png", "metrics.json",
                                        "params0.pt", "params1.pt"]
