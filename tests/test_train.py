@@ -186,6 +186,19 @@ def test_train_folder_adamw_bf16_options(tmp_path, gen):
     assert ckpt["model_args"]["shared"] is False and len(ckpt["model_args"]["mean"]) == 3
 
 
+def test_auto_threads(monkeypatch):
+    n = torch.get_num_threads()  # 1, from the fixture
+    torch.set_num_threads(2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert T.auto_threads() == 2  # idle machine: torch's count
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert T.auto_threads() == 1  # one core busy elsewhere
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert T.auto_threads() == 1  # never fewer than one
+    torch.set_num_threads(n)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "--checkpoint: no such file" in capsys.readouterr().err
