@@ -30,8 +30,8 @@ from .models import DEPTHS, MultiScaleResNet
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "predict", "add_parsers"]
 
 LR_DEFAULTS = {"sgd": 0.1, "adamw": 2e-3}
-# the options that define the model and its data: a resumed run must keep them
-MODEL_KEYS = ("data", "image_size", "depth", "width", "stem", "scales", "per_scale")
+# the options that define the model, its data and its optimizer state: a resumed run keeps them
+FIXED_ON_RESUME = ("data", "image_size", "depth", "width", "stem", "scales", "per_scale", "optimizer")
 
 
 @dataclasses.dataclass
@@ -303,7 +303,7 @@ def _train(cfg, device, d: Dist, log, progress, t_start) -> dict:
             raise FileNotFoundError(f"msfast: --resume: no checkpoint at {ckpt_path!r}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = TrainConfig(**ckpt["config"]).check()
-        for k in MODEL_KEYS:  # a resumed run is the same model on the same data
+        for k in FIXED_ON_RESUME:  # a resumed run is the same model on the same data
             if getattr(cfg, k) != getattr(saved, k):
                 raise ValueError(f"msfast: --{k.replace('_', '-')} {getattr(cfg, k)!r} differs from the checkpoint's "
                                  f"{getattr(saved, k)!r}; drop it to resume")

@@ -165,6 +165,8 @@ def test_train_resume_eval_predict(tmp_path, capsys):
     # a resumed run must keep the model's options
     assert cli.main(["train", "--resume", "--depth", "34", "--out", str(out)]) == 2
     assert "--depth 34 differs from the checkpoint's 18" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", "--optimizer", "adamw", "--out", str(out)]) == 2
+    assert "--optimizer 'adamw' differs from the checkpoint's 'sgd'" in capsys.readouterr().err
 
 
 def test_train_folder_adamw_bf16_options(tmp_path, gen):
