@@ -7,10 +7,15 @@ Each timing is the median of several repetitions; the report gives the ratios an
 share of the memory-bandwidth roofline: the bytes that must move (every input read once,
 every output written once) over the bandwidth of a large tensor copy measured in the same
 run. The case definitions here are also what benchmarks/ (pytest-benchmark) runs.
+
+The end-to-end case ``resnet_train_step`` times one training step (forward, backward, SGD
+update) of MultiScaleResNet-18 with ``backend="msfast"`` against the same model with
+``backend="torch"``; it has no roofline and no torch.compile column (see COMPILE_SKIPPED).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -28,7 +33,10 @@ from . import _ops, reference
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out")
+CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", "resnet_train_step")
+TRAIN_CASES = ("resnet_train_step",)
+COMPILE_SKIPPED = ("torch.compile of the whole ResNet-18 training step took 200 s to compile (one variant, 2-core "
+                   "machine); this case compares the two eager backends")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
 PASSES = ("fwd", "fwd+bwd")
@@ -54,6 +62,8 @@ class Prepared:
     grads: list | None  # grad_outputs for fwd+bwd, None for fwd
     bytes_fwd: int  # minimal bytes moved by the forward
     bytes_bwd: int  # minimal bytes moved by the backward
+    train: bool = False  # run_* are whole training steps (they do their own backward)
+    compile_skipped: str | None = None  # why there is no torch.compile baseline
 
 
 def _nbytes(shape, dtype) -> int:
@@ -65,12 +75,16 @@ def _nbytes(shape, dtype) -> int:
 
 def variants(device: str, cases=CASES, dtypes=tuple(DTYPES), layouts=LAYOUTS, passes=PASSES, quick=False):
     """The variants of the standard cases that make sense (uint8 preprocess has no backward,
-    its input layout is fixed; the out= case is forward only)."""
+    its input layout is fixed; the out= case is forward only; a training step is one pass)."""
     out = []
     for case in cases:
         for dt in dtypes:
             for lay in layouts:
                 for ps in passes:
+                    if case in TRAIN_CASES:
+                        if ps == "fwd+bwd":
+                            out.append(Variant(case, dt, lay, "train", device, quick))
+                        continue
                     if case == "preprocess" and (ps != "fwd" or lay != "channels_last"):
                         continue
                     if case == "fpn_concat_out" and ps != "fwd":
@@ -91,6 +105,8 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
     cl = v.layout == "channels_last"
     fmt = torch.channels_last if cl else torch.contiguous_format
     q = v.quick
+    if v.case == "resnet_train_step":
+        return _prepare_train_step(v, g, dev, dtype, fmt)
     if v.case == "preprocess":
         n = 8 if q else 32
         img = torch.randint(0, 256, (n, 224, 224, 3), dtype=torch.uint8, generator=g).to(dev)
@@ -141,8 +157,41 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
                     lambda *f: _ops.upsample_concat(list(f), size), grads, inb + outb, outb + inb)
 
 
+def _prepare_train_step(v: Variant, g, dev, dtype, fmt) -> Prepared:
+    """MultiScaleResNet-18 (width 64, torchvision's stem, scales 1, 0.5, 0.25, 10 classes) on
+    N=32 3x128x128 images: one SGD step per call, bfloat16 as autocast. The two backends run
+    copies of the same initial weights, each with its own optimizer."""
+    from .models import MultiScaleResNet
+
+    n = 8 if v.quick else 32
+    torch.manual_seed(0)
+    base = MultiScaleResNet(10, depth=18, width=64, stem="large", scales=(1.0, 0.5, 0.25)).to(dev, memory_format=fmt)
+    x = torch.randn(n, 3, 128, 128, generator=g).to(dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (n,), generator=g).to(dev)
+    amp = dtype != torch.float32
+
+    def make(backend):
+        model = copy.deepcopy(base)
+        model.backend = backend
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(x):
+            with torch.autocast(dev.type, dtype, enabled=amp):
+                logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+        return step
+
+    return Prepared([x], make("torch"), make("msfast"), None, 0, 0, train=True, compile_skipped=COMPILE_SKIPPED)
+
+
 def step_fn(p: Prepared, impl: Callable) -> Callable[[], None]:
     """A closure that runs one forward (and backward, when the variant has grads)."""
+    if p.train:
+        return lambda: impl(*p.inputs)
     if p.grads is None:
         def fwd():
             with torch.no_grad():
@@ -304,7 +353,9 @@ def run(args) -> dict:
         p = prepare(v)
         impls = {"eager": step_fn(p, p.run_ref), "msfast": step_fn(p, p.run_msfast)}
         comp_s = None
-        if not args.no_compile:
+        if p.compile_skipped and not args.no_compile:
+            print(f"{tag}: no torch.compile baseline ({p.compile_skipped})", file=log)
+        elif not args.no_compile:
             print(f"{tag}: compiling...", end="", file=log, flush=True)
             try:
                 torch._dynamo.reset()
@@ -323,13 +374,15 @@ def run(args) -> dict:
         if comp_s is not None and comp is not None:
             comp_s = max(comp_s - comp / 1e3, 0.0)
         nbytes = p.bytes_fwd + (p.bytes_bwd if v.pass_ == "fwd+bwd" else 0)
-        roof_ms = nbytes / bw * 1e3
+        roof_ms = nbytes / bw * 1e3 if nbytes else None  # none for a training step
         row = {
             "case": v.case, "device": device, "dtype": v.dtype, "layout": v.layout, "pass": v.pass_,
             "eager_ms": eager, "compile_ms": comp, "compile_time_s": comp_s, "msfast_ms": ms,
             "speedup_vs_eager": eager / ms, "speedup_vs_compile": (comp / ms) if comp else None,
-            "bytes": nbytes, "roofline_ms": roof_ms, "roofline_share": roof_ms / ms,
+            "bytes": nbytes, "roofline_ms": roof_ms, "roofline_share": roof_ms / ms if roof_ms else None,
         }
+        if p.compile_skipped:
+            row["compile_skipped"] = p.compile_skipped
         rows.append(row)
         print(f" {ms:.2f} ms ({row['speedup_vs_eager']:.1f}x eager)", file=log, flush=True)
     return {"environment": env, "reps": reps, "quick": bool(args.quick), "rows": rows}
@@ -343,8 +396,9 @@ def format_table(result: dict) -> str:
         comp = f"{r['compile_ms']:.2f}" if r["compile_ms"] is not None else "-"
         vc = f"{r['speedup_vs_compile']:.1f}x" if r["speedup_vs_compile"] is not None else "-"
         lines.append([r["case"], r["device"], r["dtype"], r["layout"], r["pass"], f"{r['eager_ms']:.2f}", comp,
-                      f"{r['msfast_ms']:.2f}", f"{r['speedup_vs_eager']:.1f}x", vc,
-                      f"{100 * r['roofline_share']:.0f}%"])
+                      f"{r['msfast_ms']:.2f}", f"{r['speedup_vs_eager']:.2f}x" if r["case"] in TRAIN_CASES
+                      else f"{r['speedup_vs_eager']:.1f}x", vc,
+                      f"{100 * r['roofline_share']:.0f}%" if r["roofline_share"] is not None else "-"])
     widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     out = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

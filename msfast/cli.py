@@ -1,4 +1,4 @@
-"""The ``msfast`` command line: ``msfast info`` and ``msfast bench``."""
+"""The ``msfast`` command line: ``msfast info``, ``bench``, ``train``, ``eval`` and ``predict``."""
 
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="what was built: torch/CUDA versions, arch list, kernels, fallback")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
-    from . import bench
+    from . import bench, train
 
     bench.add_parser(sub)
+    train.add_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
