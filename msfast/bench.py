@@ -266,9 +266,9 @@ def copy_bandwidth(device: str, nbytes: int = 256 << 20, reps: int = 7) -> float
     """Bytes per second of a large tensor copy (read + write), the roofline's denominator."""
     # On a GPU a 256 MB copy takes ~0.1 ms: copy 1 GiB ten times per sample, so that the
     # synchronize after each sample does not count against the bandwidth.
-    calls = 10 if device.startswith("cuda") else 1
+    calls = 1
     if device.startswith("cuda"):
-        nbytes = max(nbytes, 1 << 30)
+        calls, nbytes = 10, max(nbytes, 1 << 30)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
 

@@ -47,6 +47,17 @@ def device(request) -> str:
 
 
 @pytest.fixture
+def one_thread():
+    """torch runs one thread for the test: tiny models gain nothing from a second, and on a
+    machine whose cores are busy elsewhere two OpenMP threads wait on each other at every
+    operator (20x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A fresh generator with a fixed seed: every test draws its own reproducible inputs."""
     return torch.Generator().manual_seed(1234)

@@ -10,15 +10,7 @@ from conftest import randint_u8, randn
 
 from msfast.models import MultiScaleResNet, ResNet, load_torchvision_weights
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a machine whose cores are busy
-    # elsewhere two OpenMP threads wait on each other at every operator (20x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # torchvision.models.resnet{18,34,50}(): parameter counts (1000 classes) and state_dict sizes

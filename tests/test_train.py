@@ -20,14 +20,7 @@ from msfast import train as T
 TINY = dict(image_size=16, width=4, depth=18, scales=(1.0, 0.5), batch_size=32, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Width-4 models gain nothing from a second thread, and on a machine whose cores are busy
-    # elsewhere two OpenMP threads wait on each other at every operator (20x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_split():

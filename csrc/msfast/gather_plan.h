@@ -64,6 +64,15 @@ inline bool gather_fits_int32(const std::vector<Job>& jobs) {
   return total < lim && taps < lim;
 }
 
+// A View's strides into a descriptor (GJob and GTerm name them alike).
+template <typename I, typename D>
+void put_strides(D& d, const View& v) {
+  d.s_outer = static_cast<I>(v.s_outer);
+  d.s_inner = static_cast<I>(v.s_inner);
+  d.row = static_cast<I>(v.row);
+  d.px = static_cast<I>(v.px);
+}
+
 template <typename acc_t, typename I>
 GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
   using U = std::make_unsigned_t<I>;
@@ -82,10 +91,7 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
     const int64_t inner = dv.cl ? dv.cp : dv.W, mid = dv.cl ? dv.W : 1;
     GJob<I> gj;
     gj.dst = job.dst.data_ptr();
-    gj.s_outer = static_cast<I>(dv.s_outer);
-    gj.s_inner = static_cast<I>(dv.s_inner);
-    gj.row = static_cast<I>(dv.row);
-    gj.px = static_cast<I>(dv.px);
+    put_strides<I>(gj, dv);
     gj.chunks = div((inner + kVec - 1) / kVec);
     gj.mid = div(mid);
     gj.H = div(dv.H);
@@ -102,10 +108,7 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
       const View sv = make_view(t.src, job.channels_last);
       GTerm<I> gt;
       gt.src = t.src.data_ptr();
-      gt.s_outer = static_cast<I>(sv.s_outer);
-      gt.s_inner = static_cast<I>(sv.s_inner);
-      gt.row = static_cast<I>(sv.row);
-      gt.px = static_cast<I>(sv.px);
+      put_strides<I>(gt, sv);
       gt.Ky = static_cast<int32_t>(th.K);
       gt.Kx = static_cast<int32_t>(tw.K);
       put(th, gt.ys, gt.yw);

@@ -141,13 +141,13 @@ MSFAST_HD int64_t axis_taps(const Axis& a, int64_t o, int64_t* first, T* w) {
     float f;
     if (a.nearest != kNearestCpuGeneric) {
       // nearest_idx / nearest_exact_idx: a float scale, shortcuts for 1x and 2x (see
-      // NearestRule), and (o + 0.5) * s in double for nearest-exact; floorf rounds to float first. The
-      // CUDA kernels compute (o + 0.5f) * s in float: the same value, since the exact
-      // product of two floats fits a double, which then rounds to float as the float
+      // NearestRule), and (o + 0.5) * s in double for nearest-exact; floorf rounds to float
+      // first. The CUDA kernels compute (o + 0.5f) * s in float: the same value, since the
+      // exact product of two floats fits a double, which then rounds to float as the float
       // product does.
       const float s = scales_value<float>(a);
       const bool cpu = a.nearest == kNearestCpuChannelsLast;
-      if ((cpu && a.mode == kNearest && a.out == a.in) || (!cpu && a.out == a.in)) {
+      if (a.out == a.in && (!cpu || a.mode == kNearest)) {
         f = static_cast<float>(o);
       } else if (cpu && a.mode == kNearest && a.out == 2 * a.in) {
         f = static_cast<float>(o >> 1);
