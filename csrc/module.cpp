@@ -2,6 +2,8 @@
 // translation units run at load time). The Python module itself only answers what was built.
 #include <torch/extension.h>
 
+#include <atomic>
+
 #ifndef MSFAST_TORCH_VERSION
 #define MSFAST_TORCH_VERSION "unknown"
 #endif
@@ -15,6 +17,7 @@ bool cuda_kernels_built();
 const char* cpu_isa();  // csrc/cpu/resample_cpu.cpp
 void empty_cpu_cache();  // csrc/cpu/out_cache.cpp
 void set_cpu_runner(const std::string& name);  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& stencil_terms_planned();  // csrc/cpu/gather_cpu.cpp
 }  // namespace msfast
 
 PYBIND11_MODULE(_C, m) {
@@ -22,8 +25,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_built", &msfast::cuda_kernels_built, "True when the CUDA kernels were compiled in");
   m.def("empty_cpu_cache", &msfast::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("_set_cpu_runner", &msfast::set_cpu_runner,
-        "Testing hook: run CPU calls with the CPU kernels ('native', the default) or with the CUDA "
-        "kernel's code ('gather'; 'gather64' forces its 64-bit index path)");
+        "Testing hook: run CPU calls with the CPU kernels ('native', the default; 'no-stencil' without "
+        "their integer-factor row stencil) or with the CUDA kernel's code ('gather'; 'gather64' forces "
+        "its 64-bit index path)");
+  m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },
+        "Testing hook: how many NCHW terms the CPU kernels have run with the row stencil");
   m.def("build_info", []() {
     pybind11::dict d;
     d["torch_version"] = MSFAST_TORCH_VERSION;

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -12,6 +13,11 @@
 #include "msfast/ops.h"
 
 namespace msfast {
+// False under msfast._C._set_cpu_runner("no-stencil"): NCHW rows always take the gather,
+// so tests can check that the stencil path (resample_kernels.h) gives the same bits.
+bool cpu_stencil_enabled();  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& stencil_terms_planned();  // how many terms took it: msfast._C._stencil_terms()
+
 namespace base {
 void run_jobs(const std::vector<Job>& jobs, at::ScalarType st, at::ScalarType dt);
 }

@@ -12,15 +12,22 @@
 namespace msfast {
 
 std::atomic<int>& cpu_runner() {
-  static std::atomic<int> runner{0};  // 0: the CPU kernels, 1: gather_item
+  static std::atomic<int> runner{0};  // 0: the CPU kernels, 1: gather_item, 2: CPU kernels without the stencil
   return runner;
 }
 
+bool cpu_stencil_enabled() { return cpu_runner().load() != 2; }
+
+std::atomic<int64_t>& stencil_terms_planned() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 void set_cpu_runner(const std::string& name) {
-  TORCH_CHECK_VALUE(name == "native" || name == "gather" || name == "gather64",
-                    "msfast: cpu runner must be 'native', 'gather' or 'gather64', got '", name, "'");
+  TORCH_CHECK_VALUE(name == "native" || name == "no-stencil" || name == "gather" || name == "gather64",
+                    "msfast: cpu runner must be 'native', 'no-stencil', 'gather' or 'gather64', got '", name, "'");
   gather_force_int64().store(name == "gather64");
-  cpu_runner().store(name == "native" ? 0 : 1);
+  cpu_runner().store(name == "native" ? 0 : name == "no-stencil" ? 2 : 1);
 }
 
 void run_gather_cpu(const std::vector<Job>& jobs) {

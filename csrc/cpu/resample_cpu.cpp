@@ -35,7 +35,7 @@ namespace {
 
 void run_cpu(const std::vector<Job>& jobs) {
   if (jobs.empty() || jobs[0].terms.empty()) return;
-  if (cpu_runner().load() != 0) return run_gather_cpu(jobs);
+  if (cpu_runner().load() == 1) return run_gather_cpu(jobs);
   const auto [st, dt] = check_jobs(jobs, c10::DeviceType::CPU);
   if (std::strcmp(cpu_isa(), "avx2") == 0) return avx2::run_jobs(jobs, st, dt);
   base::run_jobs(jobs, st, dt);

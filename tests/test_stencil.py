@@ -1,0 +1,121 @@
+"""The CPU kernels' row stencil (csrc/cpu/resample_kernels.h, Stencil).
+
+NCHW rows of an integer scale factor (2x, 4x, 8x; up, down, and the adjoints of those in the
+backward) are computed with strided loads instead of one gather per output. The stencil uses the
+gather's weights in the gather's order, so its results must equal those of the gather
+(``msfast._C._set_cpu_runner("no-stencil")``) up to the last bit or two: the compiler fuses
+multiply-adds differently in the two loops (the gather's generic tap loop has some unfused ones).
+Both must match the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GRAD_TOL, randn, ref_pyramid, ref_upsample_concat, tol
+
+import msfast
+from msfast import _ops
+
+pytestmark = pytest.mark.skipif(_ops._C is None, reason="msfast._C is not built")
+
+# (mode, antialias): 2-, 4- and 8-tap downscale tables, 2- and 4-tap upscale tables.
+DOWN = [("bilinear", True), ("bilinear", False), ("bicubic", True), ("area", None)]
+# Terms of a [1, 0.5, 0.25] pyramid's forward and backward that take the stencil. Antialiased
+# bilinear: both levels and both adjoints. Plain bilinear and area: the adjoints are one-tap
+# tables (each input feeds one output), which need no gather. Antialiased bicubic: the 16-tap
+# 4x downscale has no compiled stencil.
+PLANNED = {"bilinear-aaTrue": 4, "bilinear-aaFalse": 2, "bicubic-aaTrue": 3, "area-aaNone": 2}
+UP = [("bilinear", False), ("bicubic", False)]
+# Width 88 = 8 * 11: every factor divides it, and the interior is not a multiple of a vector.
+SHAPE = (2, 3, 12, 88)
+
+
+def _kw(mode, aa):
+    return {"mode": mode} if aa is None else {"mode": mode, "antialias": aa}
+
+
+def _both(fn):
+    """(fn() with the stencil, fn() with the gather only, stencil terms planned by the first)."""
+    before = _ops._C._stencil_terms()
+    fast = fn()
+    planned = _ops._C._stencil_terms() - before
+    _ops._C._set_cpu_runner("no-stencil")
+    try:
+        slow = fn()
+    finally:
+        _ops._C._set_cpu_runner("native")
+    return fast, slow, planned
+
+
+def _assert_same(a, b):
+    """Equal up to rounding: a few units in the last place."""
+    for u, v in zip(a, b, strict=True):
+        eps = torch.finfo(u.dtype).eps
+        torch.testing.assert_close(u, v, rtol=4 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("combo", DOWN, ids=lambda c: f"{c[0]}-aa{c[1]}")
+def test_pyramid_downscale_forward_and_backward(combo, dtype, gen):
+    kw = _kw(*combo)
+    scales = [1.0, 0.5, 0.25]
+    x = randn(gen, *SHAPE, dtype=dtype)
+    grads = [randn(gen, SHAPE[0], SHAPE[1], int(SHAPE[2] * s), int(SHAPE[3] * s), dtype=dtype) for s in scales]
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        outs = msfast.pyramid(xx, scales, **kw)
+        torch.autograd.backward(outs, grads)
+        return [o.detach() for o in outs] + [xx.grad]
+
+    fast, slow, planned = _both(run)
+    assert planned == PLANNED[f"{combo[0]}-aa{combo[1]}"]
+    _assert_same(fast, slow)
+    xr = x.clone().requires_grad_(True)
+    ref = ref_pyramid(xr, scales, **kw)
+    torch.autograd.backward(ref, grads)
+    for o, r in zip(fast[:-1], ref, strict=True):
+        torch.testing.assert_close(o, r, **tol(dtype))
+    torch.testing.assert_close(fast[-1], xr.grad, **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
+
+
+@pytest.mark.parametrize("combo", UP, ids=lambda c: c[0])
+def test_upsample_concat_upscale_forward_and_backward(combo, gen):
+    mode, _ = combo
+    size = (16, 88)
+    feats = [randn(gen, 2, c, 16 // f, 88 // f) for c, f in [(3, 1), (4, 2), (5, 4), (6, 8)]]
+    g = randn(gen, 2, 18, *size)
+
+    def run():
+        fs = [f.clone().requires_grad_(True) for f in feats]
+        out = msfast.upsample_concat(fs, size, mode=mode)
+        out.backward(g)
+        return [out.detach()] + [f.grad for f in fs]
+
+    fast, slow, planned = _both(run)
+    assert planned >= 3  # the 2x, 4x and 8x features' forward rows
+    _assert_same(fast, slow)
+    fr = [f.clone().requires_grad_(True) for f in feats]
+    ref = ref_upsample_concat(fr, size, mode=mode)
+    ref.backward(g)
+    torch.testing.assert_close(fast[0], ref, **tol(torch.float32, upscale=True))
+    for a, f in zip(fast[1:], fr, strict=True):
+        torch.testing.assert_close(a, f.grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("width", [8, 9, 16, 40, 41, 200])
+def test_odd_and_short_rows(width, gen):
+    """Widths that the factors do not divide, or leave little interior, fall back to the
+    gather where needed and still agree with it."""
+    x = randn(gen, 1, 2, 6, width)
+    kw = {"mode": "bilinear", "antialias": True}
+    fast, slow, _ = _both(lambda: msfast.pyramid(x, [0.5, 0.25], **kw))
+    _assert_same(fast, slow)
+    for o, r in zip(fast, ref_pyramid(x, [0.5, 0.25], **kw), strict=True):
+        torch.testing.assert_close(o, r, **tol(torch.float32))
+
+
+def test_runner_name_is_checked():
+    with pytest.raises(ValueError, match="no-stencil"):
+        _ops._C._set_cpu_runner("stencil")
