@@ -80,6 +80,9 @@ Stencil<acc_t> make_stencil(const Table<acc_t>& t) {
   return s;
 }
 
+// Values per pixel from which a channels_last term resamples rows horizontally first.
+constexpr int64_t kWidePixel = 16;
+
 template <typename acc_t>
 struct TermPlan {
   View v;
@@ -221,6 +224,19 @@ void horizontal_impl(const acc_t* __restrict__ tmp, const Table<acc_t>& tw, int6
   const int64_t op = CP == 1 ? 1 : opx;
   const int64_t* __restrict__ start = tw.start.data();
   const acc_t* __restrict__ wt = tw.w.data();
+  if constexpr (KW == 0 && CP == 0 && !kAdd) {
+    // Many taps, many channels: one pass over the pixel's channels per tap, which vectorizes
+    // (the loop below would run the taps innermost, one channel at a time).
+    for (int64_t ox = 0; ox < tw.out; ++ox) {
+      const acc_t* __restrict__ t = tmp + start[ox] * n;
+      const acc_t* __restrict__ w = wt + ox * K;
+      acc_t* __restrict__ a = out + ox * op;
+      for (int64_t c = 0; c < n; ++c) a[c] = w[0] * t[c];
+      for (int64_t k = 1; k < K; ++k)
+        for (int64_t c = 0; c < n; ++c) a[c] += w[k] * t[k * n + c];
+    }
+    return;
+  }
   for (int64_t ox = 0; ox < tw.out; ++ox) {
     const acc_t* __restrict__ t = tmp + start[ox] * n;
     const acc_t* __restrict__ w = wt + ox * K;
@@ -460,7 +476,12 @@ void run_typed(const std::vector<Job>& jobs) {
         if (tp.sten.P > 0) stencil_terms_planned().fetch_add(1, std::memory_order_relaxed);
       }
       // Fewer source rows than output rows: gather each source row once (see the top).
-      tp.h_first = !tp.h_unit && tp.th.in < tp.th.out;
+      // Wide channels_last pixels too: their horizontal pass is a vector loop over channels, as
+      // cheap as the vertical one, and resampling each source row once into the ring reads the
+      // source once. Vertical first reads each row once per output row that uses it, and with
+      // hundreds of channels those rows no longer stay in cache in between (the backward of an
+      // 8x upscale of 512 channels read its gradient twice from memory, twice as slow).
+      tp.h_first = !tp.h_unit && (tp.th.in < tp.th.out || tp.v.cp >= kWidePixel);
       while (tp.ring < tp.th.K) tp.ring *= 2;
       p.terms.push_back(std::move(tp));
     }
