@@ -1,9 +1,10 @@
-"""The public operators, their fake kernels and autograd formulas, and the fallback.
+"""The public operators, their fake kernels, and the fallback.
 
 The schemas live in csrc/ops.cpp; importing msfast._C registers them with the CPU (and
-CUDA) kernels. Here they get a fake kernel (shapes for torch.compile and meta tensors) and
-an autograd formula. Both operators are linear in their tensor inputs, so each backward is
-another msfast operator and the backward of a backward is the forward again.
+CUDA) kernels and their autograd formulas (csrc/autograd.cpp: both operators are linear in
+their tensor inputs, so each backward is another msfast operator and the backward of a
+backward is the forward again). Here they get a fake kernel (shapes for torch.compile and
+meta tensors).
 """
 
 from __future__ import annotations
@@ -254,74 +255,5 @@ if _C is not None:
             for i in range(0, len(feature_shapes), 3)
         ]
 
-    def _no_grad(v):
-        # The gradient slot of a non-tensor argument: autograd wants an empty list back for an
-        # empty list (a raw call may pass scales=[]), None otherwise.
-        return [] if isinstance(v, (list, tuple)) and len(v) == 0 else None
+    # The autograd formulas are C++ (csrc/autograd.cpp), registered for the Autograd key.
 
-    # pyramid: grad_x = sum_k R_k^T(grad_k) / std, one fused gather.
-    def _pyramid_setup(ctx, inputs, output):
-        x, _, scales, mode, antialias, align_corners, _, std, _ = inputs
-        ctx.args = (list(x.shape), scales, mode, antialias, align_corners, std, x.dtype, is_channels_last(x))
-
-    def _pyramid_bwd(ctx, grads):
-        shape, scales, mode, antialias, align_corners, std, dtype, cl = ctx.args
-        gx = _OPS.pyramid_backward(list(grads), shape, scales or None, mode, antialias, align_corners,
-                                               std, dtype, cl)
-        return gx, None, _no_grad(scales), None, None, None, None, None, None
-
-    torch.library.register_autograd("msfast::pyramid", _pyramid_bwd, setup_context=_pyramid_setup)
-
-    # pyramid_backward is linear in grads: its adjoint is the pyramid forward of the incoming
-    # gradient, scaled by 1 / std but not shifted by the mean.
-    def _pyramid_backward_setup(ctx, inputs, output):
-        grads, _, scales, mode, antialias, align_corners, std, _, _ = inputs
-        ctx.levels = [None if g is None else (g.shape[2], g.shape[3], g.dtype) for g in grads]
-        ctx.args = (scales, mode, antialias, align_corners, std)
-
-    def _pyramid_backward_bwd(ctx, gg):
-        scales, mode, antialias, align_corners, std = ctx.args
-        live = [k for k, lv in enumerate(ctx.levels) if lv is not None]
-        out = [None] * len(ctx.levels)
-        if gg is not None and live:
-            sizes = _flat([ctx.levels[k][:2] for k in live])
-            sc = [scales[k] for k in live] if scales else None
-            res = _OPS.pyramid(gg, sizes, sc, mode, antialias, align_corners, None, std,
-                                           ctx.levels[live[0]][2])
-            for k, r in zip(live, res):
-                out[k] = r
-        return out, None, _no_grad(scales), None, None, None, None, None, None
-
-    torch.library.register_autograd("msfast::pyramid_backward", _pyramid_backward_bwd,
-                                    setup_context=_pyramid_backward_setup)
-
-    def _concat_setup(ctx, inputs, output):
-        features, _, mode, align_corners = inputs
-        ctx.shapes = [v for f in features for v in f.shape[1:]]
-        ctx.args = (mode, align_corners, is_channels_last(output))
-
-    def _concat_bwd(ctx, grad):
-        mode, align_corners, cl = ctx.args
-        grads = _OPS.upsample_concat_backward(grad, ctx.shapes, mode, align_corners, cl)
-        return list(grads), None, None, None
-
-    torch.library.register_autograd("msfast::upsample_concat", _concat_bwd, setup_context=_concat_setup)
-
-    def _concat_backward_setup(ctx, inputs, output):
-        grad, feature_shapes, mode, align_corners, _ = inputs
-        ctx.shapes = list(feature_shapes)
-        ctx.args = (grad.shape[2], grad.shape[3], mode, align_corners)
-
-    def _concat_backward_bwd(ctx, ggs):
-        H, W, mode, align_corners = ctx.args
-        ref = next((g for g in ggs if g is not None), None)
-        if ref is None:
-            return None, None, None, None, None
-        feats = [
-            g if g is not None else ref.new_zeros((ref.shape[0], *ctx.shapes[3 * i : 3 * i + 3]))
-            for i, g in enumerate(ggs)
-        ]
-        return _OPS.upsample_concat(feats, [H, W], mode, align_corners), None, None, None, None
-
-    torch.library.register_autograd("msfast::upsample_concat_backward", _concat_backward_bwd,
-                                    setup_context=_concat_backward_setup)

@@ -99,13 +99,15 @@ struct Kernels {
     return pyramid_backward_impl(g, input_shape, scales.value_or(at::ArrayRef<double>{}), mode, antialias, align_corners, std, dtype,
                                  channels_last, run);
   }
-  static at::Tensor upsample_concat(const std::vector<at::Tensor>& features, at::IntArrayRef size, std::string mode,
+  // Tensor[] as at::TensorList: the C++ autograd kernels (csrc/autograd.cpp) call these
+  // unboxed, and the dispatcher finds the dispatch keys of a TensorList (not of a std::vector).
+  static at::Tensor upsample_concat(at::TensorList features, at::IntArrayRef size, std::string mode,
                                     bool align_corners) {
-    return upsample_concat_impl(features, size, mode, align_corners, std::nullopt, run);
+    return upsample_concat_impl(features.vec(), size, mode, align_corners, std::nullopt, run);
   }
-  static void upsample_concat_out(const std::vector<at::Tensor>& features, at::IntArrayRef size, std::string mode,
+  static void upsample_concat_out(at::TensorList features, at::IntArrayRef size, std::string mode,
                                   bool align_corners, at::Tensor& out) {
-    upsample_concat_impl(features, size, mode, align_corners, out, run);
+    upsample_concat_impl(features.vec(), size, mode, align_corners, out, run);
   }
   static std::vector<at::Tensor> upsample_concat_backward(const at::Tensor& grad, at::IntArrayRef feature_shapes,
                                                           std::string mode, bool align_corners, bool channels_last) {

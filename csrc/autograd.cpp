@@ -1,0 +1,266 @@
+// Autograd for the four operators, in C++ and registered for the Autograd key of every
+// backend. (The formulas were Python, through torch.library.register_autograd: that costs
+// about 100 us per call in grad mode, more than a small call's kernel.) Each operator is
+// linear in its tensor inputs, so each backward is another msfast operator:
+//   pyramid           -> pyramid_backward (the adjoint of every level, summed, / std)
+//   pyramid_backward  -> pyramid of the incoming gradient (scaled by 1 / std, no mean)
+//   upsample_concat   -> upsample_concat_backward (the adjoint of each feature's resize)
+//   upsample_concat_backward -> upsample_concat
+// and the backward of a backward is the forward again. Calls go through the dispatcher, so
+// that torch.compile traces them with the fake kernels of msfast/_ops.py, and a backward run
+// with create_graph records the next one. Sizes stay SymInt throughout for dynamic shapes.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace msfast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptDoubles = std::optional<at::ArrayRef<double>>;
+
+// The operators, looked up once, called below the autograd layer by the forwards and through
+// it by the backwards.
+auto pyramid_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msfast::pyramid", "")
+                       .typed<std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, OptDoubles,
+                                                      std::string, bool, bool, OptDoubles, OptDoubles,
+                                                      std::optional<at::ScalarType>)>();
+  return op;
+}
+auto pyramid_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msfast::pyramid_backward", "")
+                       .typed<at::Tensor(const c10::List<std::optional<at::Tensor>>&, c10::SymIntArrayRef,
+                                         OptDoubles, std::string, bool, bool, OptDoubles, at::ScalarType,
+                                         bool)>();
+  return op;
+}
+auto upsample_concat_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msfast::upsample_concat", "")
+                       .typed<at::Tensor(at::TensorList, c10::SymIntArrayRef, std::string, bool)>();
+  return op;
+}
+auto upsample_concat_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msfast::upsample_concat_backward", "")
+                       .typed<std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, std::string,
+                                                      bool, bool)>();
+  return op;
+}
+
+// Optional float lists, kept for the backward: IValue holds them as a list or None.
+c10::IValue keep(const OptDoubles& v) { return v ? c10::IValue(v->vec()) : c10::IValue(); }
+std::optional<std::vector<double>> unkeep(const c10::IValue& v) {
+  if (v.isNone()) return std::nullopt;
+  return v.toDoubleVector();
+}
+OptDoubles view(const std::optional<std::vector<double>>& v) {
+  return v ? OptDoubles(at::ArrayRef<double>(*v)) : std::nullopt;
+}
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+struct PyramidFn : torch::autograd::Function<PyramidFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, c10::SymIntArrayRef sizes,
+                               OptDoubles scales, std::string mode, bool antialias, bool align_corners,
+                               OptDoubles mean, OptDoubles std, std::optional<at::ScalarType> out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto outs = pyramid_op().call(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype);
+    auto& d = ctx->saved_data;
+    d["shape"] = c10::IValue(x.sym_sizes().vec());
+    d["scales"] = keep(scales);
+    d["mode"] = std::string(mode);
+    d["antialias"] = antialias;
+    d["align_corners"] = align_corners;
+    d["std"] = keep(std);
+    d["dtype"] = x.scalar_type();
+    d["cl"] = is_channels_last(x);
+    return outs;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto& d = ctx->saved_data;
+    c10::List<std::optional<at::Tensor>> g;
+    for (auto& t : grads) g.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+    const auto scales = unkeep(d["scales"]), std = unkeep(d["std"]);
+    const auto shape = d["shape"].toSymIntVector();
+    const std::string mode = d["mode"].toStringRef();
+    // An empty scales list (a raw call that gave sizes) is passed on as None.
+    auto gx = pyramid_backward_op().call(g, shape, scales && !scales->empty() ? view(scales) : std::nullopt, mode,
+                                         d["antialias"].toBool(), d["align_corners"].toBool(), view(std),
+                                         d["dtype"].toScalarType(), d["cl"].toBool());
+    return {gx, {}, {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+struct PyramidBackwardFn : torch::autograd::Function<PyramidBackwardFn> {
+  // The levels that have a gradient, and where they sit among the n levels: autograd tracks
+  // the tensors of a TensorList, but not undefined ones.
+  static variable_list forward(AutogradContext* ctx, at::TensorList live_grads, const std::vector<int64_t>& live,
+                               int64_t n, c10::SymIntArrayRef input_shape, OptDoubles scales, std::string mode,
+                               bool antialias, bool align_corners, OptDoubles std, at::ScalarType dtype,
+                               bool channels_last) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    c10::List<std::optional<at::Tensor>> g;
+    for (int64_t k = 0; k < n; ++k) g.push_back(std::nullopt);
+    for (size_t i = 0; i < live.size(); ++i) g.set(live[i], live_grads[i]);
+    auto gx = pyramid_backward_op().call(g, input_shape, scales, mode, antialias, align_corners, std, dtype,
+                                         channels_last);
+    std::vector<c10::SymInt> hw;  // the levels' sizes (checked 4-D by the call): the backward makes them again
+    for (const auto& t : live_grads) {
+      hw.push_back(t.sym_size(2));
+      hw.push_back(t.sym_size(3));
+    }
+    auto& d = ctx->saved_data;
+    d["live"] = c10::IValue(live);
+    d["hw"] = c10::IValue(hw);
+    d["level_dtype"] = live.empty() ? dtype : live_grads[0].scalar_type();
+    d["scales"] = keep(scales);
+    d["mode"] = mode;
+    d["antialias"] = antialias;
+    d["align_corners"] = align_corners;
+    d["std"] = keep(std);
+    return {gx};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list gg) {
+    auto& d = ctx->saved_data;
+    const auto live = d["live"].toIntVector();
+    variable_list out(live.size() + 10);  // one per live gradient, then the 10 other arguments
+    if (gg[0].defined() && !live.empty()) {
+      const auto scales = unkeep(d["scales"]), std = unkeep(d["std"]);
+      std::optional<std::vector<double>> sc;
+      if (scales && !scales->empty()) {
+        sc.emplace();
+        for (int64_t k : live) sc->push_back((*scales)[k]);
+      }
+      const std::string mode = d["mode"].toStringRef();
+      auto res = pyramid_op().call(gg[0], d["hw"].toSymIntVector(), view(sc), mode,
+                                   d["antialias"].toBool(), d["align_corners"].toBool(), std::nullopt, view(std),
+                                   d["level_dtype"].toScalarType());
+      for (size_t i = 0; i < live.size(); ++i) out[i] = res[i];
+    }
+    return out;
+  }
+};
+
+struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList features, c10::SymIntArrayRef size,
+                               std::string mode, bool align_corners) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = upsample_concat_op().call(features, size, mode, align_corners);
+    std::vector<c10::SymInt> shapes;
+    for (const auto& f : features)
+      for (int64_t i = 1; i < 4; ++i) shapes.push_back(f.sym_size(i));
+    auto& d = ctx->saved_data;
+    d["shapes"] = c10::IValue(shapes);
+    d["mode"] = std::string(mode);
+    d["align_corners"] = align_corners;
+    d["cl"] = is_channels_last(out);
+    d["n"] = static_cast<int64_t>(features.size());
+    return {out};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto& d = ctx->saved_data;
+    const int64_t n = d["n"].toInt();
+    variable_list out(n + 3);
+    if (grads[0].defined()) {
+      const std::string mode = d["mode"].toStringRef();
+      auto g = upsample_concat_backward_op().call(grads[0], d["shapes"].toSymIntVector(), mode,
+                                                  d["align_corners"].toBool(), d["cl"].toBool());
+      for (int64_t i = 0; i < n; ++i) out[i] = g[i];
+    }
+    return out;
+  }
+};
+
+struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwardFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
+                               std::string mode, bool align_corners, bool channels_last) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto d_ = upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last);
+    auto& d = ctx->saved_data;
+    d["shapes"] = c10::IValue(feature_shapes.vec());
+    d["H"] = grad.sym_size(2);
+    d["W"] = grad.sym_size(3);
+    d["mode"] = std::string(mode);
+    d["align_corners"] = align_corners;
+    return d_;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list ggs) {
+    auto& d = ctx->saved_data;
+    variable_list out(5);
+    const at::Tensor* ref = nullptr;
+    for (const auto& g : ggs)
+      if (g.defined()) {
+        ref = &g;
+        break;
+      }
+    if (!ref) return out;
+    const auto shapes = d["shapes"].toSymIntVector();
+    std::vector<at::Tensor> feats;
+    for (size_t i = 0; i < ggs.size(); ++i) {
+      if (ggs[i].defined()) {
+        feats.push_back(ggs[i]);
+      } else {
+        feats.push_back(ref->new_zeros_symint({ref->sym_size(0), shapes[3 * i], shapes[3 * i + 1], shapes[3 * i + 2]}));
+      }
+    }
+    const std::string mode = d["mode"].toStringRef();
+    out[0] = upsample_concat_op().call(feats, {d["H"].toSymInt(), d["W"].toSymInt()}, mode,
+                                       d["align_corners"].toBool());
+    return out;
+  }
+};
+
+std::vector<at::Tensor> pyramid_autograd(const at::Tensor& x, c10::SymIntArrayRef sizes, OptDoubles scales,
+                                         std::string mode, bool antialias, bool align_corners,
+                                         OptDoubles mean, OptDoubles std, std::optional<at::ScalarType> out_dtype) {
+  return PyramidFn::apply(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype);
+}
+
+at::Tensor pyramid_backward_autograd(const c10::List<std::optional<at::Tensor>>& grads,
+                                     c10::SymIntArrayRef input_shape, OptDoubles scales, std::string mode,
+                                     bool antialias, bool align_corners, OptDoubles std, at::ScalarType dtype,
+                                     bool channels_last) {
+  std::vector<at::Tensor> g;
+  std::vector<int64_t> live;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const std::optional<at::Tensor> t = grads[i];
+    if (t.has_value() && t->defined()) {
+      g.push_back(*t);
+      live.push_back(static_cast<int64_t>(i));
+    }
+  }
+  return PyramidBackwardFn::apply(at::TensorList(g), live, static_cast<int64_t>(grads.size()), input_shape, scales,
+                                  mode, antialias, align_corners, std, dtype, channels_last)[0];
+}
+
+at::Tensor upsample_concat_autograd(at::TensorList features, c10::SymIntArrayRef size, std::string mode,
+                                    bool align_corners) {
+  return UpsampleConcatFn::apply(features, size, mode, align_corners)[0];
+}
+
+std::vector<at::Tensor> upsample_concat_backward_autograd(const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
+                                                          std::string mode, bool align_corners,
+                                                          bool channels_last) {
+  return UpsampleConcatBackwardFn::apply(grad, feature_shapes, mode, align_corners, channels_last);
+}
+
+}  // namespace
+}  // namespace msfast
+
+TORCH_LIBRARY_IMPL(msfast, Autograd, m) {
+  m.impl("pyramid", TORCH_FN(msfast::pyramid_autograd));
+  m.impl("pyramid_backward", TORCH_FN(msfast::pyramid_backward_autograd));
+  m.impl("upsample_concat", TORCH_FN(msfast::upsample_concat_autograd));
+  m.impl("upsample_concat_backward", TORCH_FN(msfast::upsample_concat_backward_autograd));
+}
