@@ -289,7 +289,8 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
 }  // namespace msfast
 
 // Schemas. Sizes are SymInt so that torch.compile can trace dynamic shapes; the fake
-// kernels and autograd formulas are registered from Python (msfast/_ops.py).
+// kernels are registered from Python (msfast/_ops.py), the autograd formulas in
+// csrc/autograd.cpp.
 TORCH_LIBRARY(msfast, m) {
   m.def(
       "pyramid(Tensor x, SymInt[] sizes, float[]? scales, str interpolation, bool antialias, bool align_corners, "
