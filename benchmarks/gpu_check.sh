@@ -10,7 +10,8 @@
 # to OUTDIR, in about 6 minutes on an H100 machine (16 cores).
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then commit the JSONs as benchmarks/results/<device>*.json (they name the GPU, the date, the
-# torch version and the commit).
+# torch version and the commit). A copy of the tree without .git: pass the commit in, e.g.
+#   MSFAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}
 mkdir -p "$OUT"

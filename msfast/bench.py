@@ -318,6 +318,10 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    """The commit measured: MSFAST_COMMIT when set (a GPU machine gets a copy of the working tree
+    without .git, see benchmarks/gpu_check.sh), else git's HEAD."""
+    if os.environ.get("MSFAST_COMMIT"):
+        return os.environ["MSFAST_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)

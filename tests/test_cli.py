@@ -59,3 +59,14 @@ def test_no_command_is_a_usage_error():
     proc = _run()
     assert proc.returncode == 2
     assert "usage" in proc.stderr.lower()
+
+
+def test_bench_records_the_commit_it_is_told(monkeypatch):
+    """A GPU machine runs a copy of the tree without .git: MSFAST_COMMIT names the commit."""
+    from msfast import bench
+
+    monkeypatch.setenv("MSFAST_COMMIT", "abc1234")
+    assert bench._git_commit() == "abc1234"
+    monkeypatch.delenv("MSFAST_COMMIT")
+    head = bench._git_commit()
+    assert head is None or (head != "abc1234" and len(head) >= 7)
