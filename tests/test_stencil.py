@@ -119,3 +119,16 @@ def test_odd_and_short_rows(width, gen):
 def test_runner_name_is_checked():
     with pytest.raises(ValueError, match="no-stencil"):
         _ops._C._set_cpu_runner("stencil")
+
+
+@pytest.mark.parametrize("aa", [True, False])
+def test_fractional_factors(aa, gen):
+    """3/4 (P = 3, S = 4) and 3/2 (P = 3, S = 2): the period is found in the table's starts."""
+    kw = {"mode": "bilinear", "antialias": aa}
+    x = randn(gen, 2, 3, 12, 88)
+    scales = [0.75, 1.5]
+    fast, slow, planned = _both(lambda: msfast.pyramid(x, scales, **kw))
+    assert planned >= 2
+    _assert_same(fast, slow)
+    for o, r in zip(fast, ref_pyramid(x, scales, **kw), strict=True):
+        torch.testing.assert_close(o, r, **tol(torch.float32, upscale=True))

@@ -25,13 +25,16 @@ namespace msfast {
 namespace MSFAST_CPU_ISA {
 namespace {
 
-// The interior of a horizontal table of an integer scale factor repeats: outputs
+// The interior of a horizontal table of a rational scale factor repeats: outputs
 // a + P*q + r (q < nq, r < P) read inputs off[r] + S*q + k. Downscaling by f has P = 1,
-// S = f; upscaling by f has P = f, S = 1; so do their adjoints (the backward). Such rows
-// are computed with plain strided loads, which vectorize, instead of one gather per output:
-// on this project's AMD EPYC an AVX2 gather row is 3 to 5 times slower. The weights are the
-// table's, regrouped by phase (w[(r * K + k) * nq + q]), and each sum runs in the same order,
-// so results are bitwise those of the gather, which still computes the border outputs.
+// S = f; upscaling by f has P = f, S = 1; a factor of 3/4 has P = 3, S = 4; so do their
+// adjoints (the backward). The run is found in the table's actual starts: float rounding of
+// a fractional scale can break the period, and the stencil then covers the longest exact run.
+// Such rows are computed with plain strided loads, which vectorize, instead of one gather per
+// output: on this project's AMD EPYC an AVX2 gather row is 3 to 5 times slower. The weights
+// are the table's, regrouped by phase (w[(r * K + k) * nq + q]), and each sum runs in the same
+// order, so results agree with the gather's (which still computes the border outputs) to
+// rounding: the compiler fuses multiply-adds differently in the two loops.
 template <typename acc_t>
 struct Stencil {
   int P = 0, S = 0;  // P = 0: the table has no such interior, or no kernel for it
@@ -48,14 +51,9 @@ void pick_stencil_kernel(Stencil<acc_t>& s, int64_t K);  // below, next to the k
 template <typename acc_t>
 Stencil<acc_t> make_stencil(const Table<acc_t>& t) {
   Stencil<acc_t> s;
-  int64_t P = 1, S = 1;
-  if (t.out >= t.in && t.out % t.in == 0) {
-    P = t.out / t.in;
-  } else if (t.in % t.out == 0) {
-    S = t.in / t.out;
-  } else {
-    return s;
-  }
+  // A scale of out / in = P / S in lowest terms repeats every P outputs and S inputs.
+  const int64_t g = std::gcd(t.in, t.out), P = t.out / g, S = t.in / g;
+  if (P > 8 || S > 8) return s;
   // The longest run of outputs o with start[o + P] == start[o] + S.
   int64_t best_a = 0, best_len = 0;
   for (int64_t o = 0; o + P < t.out;) {
@@ -284,8 +282,9 @@ void stencil_row(const acc_t* __restrict__ tmp, const Stencil<acc_t>& st, acc_t*
 }
 
 // The (P, S, K) compiled: 2x and 4x downscales with 2, 4 or 8 taps (bilinear, area,
-// antialiased bilinear and bicubic), 2x, 4x and 8x upscales with 2 or 4 taps, and the
-// adjoints of those downscales (the backward). Others keep the gather.
+// antialiased bilinear and bicubic), 2x, 4x and 8x upscales with 2 or 4 taps, the adjoints
+// of those downscales (the backward), and the common fractional factors 3/4, 2/3, 3/2, 4/3.
+// Others keep the gather.
 template <typename acc_t>
 void pick_stencil_kernel(Stencil<acc_t>& s, int64_t K) {
 #define MSFAST_S(P_, S_, K_)                                    \
@@ -297,6 +296,10 @@ void pick_stencil_kernel(Stencil<acc_t>& s, int64_t K) {
   MSFAST_S(1, 2, 2) MSFAST_S(1, 2, 4) MSFAST_S(1, 2, 8) MSFAST_S(1, 4, 2) MSFAST_S(1, 4, 4) MSFAST_S(1, 4, 8)
   MSFAST_S(2, 1, 2) MSFAST_S(2, 1, 3) MSFAST_S(2, 1, 4) MSFAST_S(4, 1, 2) MSFAST_S(4, 1, 4) MSFAST_S(8, 1, 2)
   MSFAST_S(8, 1, 4)
+  // 3/4 and 2/3 downscales (bilinear, antialiased or not), 3/2 and 4/3 upscales (bilinear, and the
+  // adjoint of the 3/4 downscale)
+  MSFAST_S(3, 4, 2) MSFAST_S(3, 4, 3) MSFAST_S(3, 4, 4) MSFAST_S(2, 3, 3) MSFAST_S(2, 3, 4) MSFAST_S(3, 2, 2)
+  MSFAST_S(4, 3, 2) MSFAST_S(4, 3, 3)
 #undef MSFAST_S
 }
 
