@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "msfast/plan.h"  // is_channels_last
+
 namespace msfast {
 namespace {
 
@@ -66,10 +68,6 @@ OptDoubles view(const std::optional<std::vector<double>>& v) {
   return v ? OptDoubles(at::ArrayRef<double>(*v)) : std::nullopt;
 }
 
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 struct PyramidFn : torch::autograd::Function<PyramidFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, c10::SymIntArrayRef sizes,
                                OptDoubles scales, std::string mode, bool antialias, bool align_corners,
@@ -79,7 +77,7 @@ struct PyramidFn : torch::autograd::Function<PyramidFn> {
     auto& d = ctx->saved_data;
     d["shape"] = c10::IValue(x.sym_sizes().vec());
     d["scales"] = keep(scales);
-    d["mode"] = std::string(mode);
+    d["mode"] = mode;
     d["antialias"] = antialias;
     d["align_corners"] = align_corners;
     d["std"] = keep(std);
@@ -162,7 +160,7 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
       for (int64_t i = 1; i < 4; ++i) shapes.push_back(f.sym_size(i));
     auto& d = ctx->saved_data;
     d["shapes"] = c10::IValue(shapes);
-    d["mode"] = std::string(mode);
+    d["mode"] = mode;
     d["align_corners"] = align_corners;
     d["cl"] = is_channels_last(out);
     d["n"] = static_cast<int64_t>(features.size());
@@ -186,14 +184,14 @@ struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwa
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
                                std::string mode, bool align_corners, bool channels_last) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto d_ = upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last);
+    auto grads = upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last);
     auto& d = ctx->saved_data;
     d["shapes"] = c10::IValue(feature_shapes.vec());
     d["H"] = grad.sym_size(2);
     d["W"] = grad.sym_size(3);
-    d["mode"] = std::string(mode);
+    d["mode"] = mode;
     d["align_corners"] = align_corners;
-    return d_;
+    return grads;
   }
   static variable_list backward(AutogradContext* ctx, variable_list ggs) {
     auto& d = ctx->saved_data;

@@ -5,8 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <numeric>
 #include <atomic>
+#include <numeric>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -15,7 +15,7 @@
 
 namespace msfast {
 // False under msfast._C._set_cpu_runner("no-stencil"): NCHW rows always take the gather,
-// so tests can check that the stencil path (resample_kernels.h) gives the same bits.
+// so tests can check the stencil path (resample_kernels.h) against it.
 bool cpu_stencil_enabled();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stencil_terms_planned();  // how many terms took it: msfast._C._stencil_terms()
 

@@ -482,8 +482,8 @@ void run_typed(const std::vector<Job>& jobs) {
       // Wide channels_last pixels too: their horizontal pass is a vector loop over channels, as
       // cheap as the vertical one, and resampling each source row once into the ring reads the
       // source once. Vertical first reads each row once per output row that uses it, and with
-      // hundreds of channels those rows no longer stay in cache in between (the backward of an
-      // 8x upscale of 512 channels read its gradient twice from memory, twice as slow).
+      // hundreds of channels the rows touched in between exceed L2 (fpn_concat's channels_last
+      // backward, one thread: 13% faster this way).
       tp.h_first = !tp.h_unit && (tp.th.in < tp.th.out || tp.v.cp >= kWidePixel);
       while (tp.ring < tp.th.K) tp.ring *= 2;
       p.terms.push_back(std::move(tp));
