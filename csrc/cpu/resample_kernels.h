@@ -104,7 +104,7 @@ struct JobPlan {
   std::vector<acc_t> scale_run, shift_run;
   std::vector<acc_t> scale, shift;
   bool direct = false;  // dst is acc_t with no affine: rows are computed in place
-  bool direct2 = false;  // one two-tap h_first term, no affine: RowMaker::run_direct2 writes dst
+  bool rows2 = false;  // one two-tap h_first term, no affine: RowMaker::run_rows2 writes dst
 };
 
 template <typename acc_t>
@@ -411,16 +411,26 @@ struct RowMaker {
     }
   }
 
-  // The output row of a lone two-tap h_first term (a bilinear upscale, no affine), written
-  // straight into a destination of another type: the common bfloat16 / float16 upscale then
-  // needs no separate conversion pass over an acc_t row.
+  // Output rows oy .. oy_end - 1 of a lone two-tap h_first term (a bilinear upscale, no
+  // affine), written straight into the destination, of any type: the common bfloat16 /
+  // float16 upscale then needs no separate conversion pass over an acc_t row. Rows that read
+  // the same two source rows (8 in a row for an 8x upscale) share one ring update: the per-row
+  // bookkeeping of run() cost as much as the row itself for fpn_concat's 56-value rows.
   template <typename dst_t>
-  void run_direct2(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, dst_t* out, const Row& ro) {
-    fill_ring(tp, plane, oy);
-    const int64_t n = tp.tw.out * tp.v.cp, y0 = tp.th.start[oy], mask = tp.ring - 1;
-    const acc_t* w = tp.th.w.data() + oy * 2;
-    axpy2<false>(ring.data() + (y0 & mask) * n, ring.data() + ((y0 + 1) & mask) * n, packed_row(tp.tw.out, tp.v.cp),
-                 w[0], w[1], out, ro);
+  void run_rows2(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, int64_t oy_end, dst_t* out,
+                 const View& d) {
+    const int64_t n = tp.tw.out * tp.v.cp, mask = tp.ring - 1;
+    const Row rr = packed_row(tp.tw.out, tp.v.cp), ro = row_of(d);
+    const int64_t* start = tp.th.start.data();
+    const acc_t* w = tp.th.w.data();
+    while (oy < oy_end) {
+      fill_ring(tp, plane, oy);
+      const int64_t y0 = start[oy];
+      const acc_t* r0 = ring.data() + (y0 & mask) * n;
+      const acc_t* r1 = ring.data() + ((y0 + 1) & mask) * n;
+      for (; oy < oy_end && start[oy] == y0; ++oy)
+        axpy2<false>(r0, r1, rr, w[2 * oy], w[2 * oy + 1], out + oy * d.row, ro);
+    }
   }
 
   // A new plane: the ring's rows belong to the previous one.
@@ -489,7 +499,7 @@ void run_typed(const std::vector<Job>& jobs) {
       p.terms.push_back(std::move(tp));
     }
     p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty();
-    p.direct2 = !p.direct && p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_first && p.terms[0].th.K == 2;
+    p.rows2 = p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_first && p.terms[0].th.K == 2;
     max_acc = std::max(max_acc, p.dst.W * p.dst.cp);
     total_values += p.dst.planes * p.dst.H * p.dst.W * p.dst.cp;
     first_item.push_back(first_item.back() + p.dst.planes * p.dst.H);
@@ -537,9 +547,10 @@ void run_typed(const std::vector<Job>& jobs) {
       dst_t* out = static_cast<dst_t*>(p.dst.data) + p.dst.plane_offset(plane);
       const int64_t rows_end = std::min<int64_t>(p.dst.H, oy + (end - item));
       const Row ra = p.direct ? row_of(p.dst) : packed_row(p.dst.W, p.dst.cp);
-      if (p.direct2) {
-        for (; oy < rows_end; ++oy, ++item)
-          makers[0].run_direct2(p.terms[0], src[0], oy, out + oy * p.dst.row, row_of(p.dst));
+      if (p.rows2) {
+        makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst);
+        item += rows_end - oy;
+        oy = rows_end;
       }
       for (; oy < rows_end; ++oy, ++item) {
         dst_t* row = out + oy * p.dst.row;
