@@ -26,10 +26,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("empty_cpu_cache", &msfast::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("_set_cpu_runner", &msfast::set_cpu_runner,
         "Testing hook: run CPU calls with the CPU kernels ('native', the default; 'no-stencil' without "
-        "their row stencil for integer and short-period factors) or with the CUDA kernel's code ('gather'; 'gather64' forces "
+        "their row stencil and window for integer and short-period factors and upscales) or with the CUDA kernel's code ('gather'; 'gather64' forces "
         "its 64-bit index path)");
   m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },
-        "Testing hook: how many NCHW terms the CPU kernels have run with the row stencil");
+        "Testing hook: how many NCHW terms the CPU kernels have run with the row stencil or window");
   m.def("build_info", []() {
     pybind11::dict d;
     d["torch_version"] = MSFAST_TORCH_VERSION;

@@ -1,11 +1,14 @@
-"""The CPU kernels' row stencil (csrc/cpu/resample_kernels.h, Stencil).
+"""The CPU kernels' row stencil and row window (csrc/cpu/resample_kernels.h, Stencil and
+window_row).
 
 NCHW rows of an integer scale factor (2x, 4x, 8x; up, down, and the adjoints of those in the
 backward) are computed with strided loads instead of one gather per output. The stencil uses the
 gather's weights in the gather's order, so its results must equal those of the gather
 (``msfast._C._set_cpu_runner("no-stencil")``) up to the last bit or two: the compiler fuses
 multiply-adds differently in the two loops (the gather's generic tap loop has some unfused ones).
-Both must match the reference.
+Both must match the reference. Under AVX2, float32 upscale rows take the window instead of the
+stencil (one load of 8 inputs per 8 outputs, lane permutes for the taps); ``_stencil_terms``
+counts the terms that took either.
 """
 
 from __future__ import annotations
@@ -132,3 +135,55 @@ def test_fractional_factors(aa, gen):
     _assert_same(fast, slow)
     for o, r in zip(fast, ref_pyramid(x, scales, **kw), strict=True):
         torch.testing.assert_close(o, r, **tol(torch.float32, upscale=True))
+
+
+# (input, output) widths of upscale rows: 8x from 7 inputs (fewer than 8: a masked load), 4x,
+# a fractional 11 -> 40, and outputs that are not a multiple of 8 (the gather does the rest).
+WINDOW_ROWS = [(7, 56), (14, 56), (11, 40), (10, 43), (3, 21)]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("widths", WINDOW_ROWS, ids=lambda w: f"{w[0]}to{w[1]}")
+def test_upscale_rows(widths, mode, gen):
+    """Upscale rows through the window (or stencil), against the gather and the reference,
+    forward and backward."""
+    w_in, w_out = widths
+    x = randn(gen, 2, 3, 5, w_in)
+    g = randn(gen, 2, 3, 9, w_out)
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        out = msfast.upsample_concat([xx], (9, w_out), mode=mode)
+        out.backward(g)
+        return [out.detach(), xx.grad]
+
+    fast, slow, planned = _both(run)
+    if w_out >= 8 and mode == "bilinear":
+        assert planned >= 1
+    _assert_same(fast, slow)
+    xr = x.clone().requires_grad_(True)
+    ref = ref_upsample_concat([xr], (9, w_out), mode=mode)
+    ref.backward(g)
+    torch.testing.assert_close(fast[0], ref, **tol(torch.float32, upscale=True))
+    torch.testing.assert_close(fast[1], xr.grad, **GRAD_TOL)
+
+
+def test_upscale_rows_added_into_a_sum(gen):
+    """A level taller and narrower than the input: its adjoint shrinks rows first and widens
+    them after, and adds into the gradient of the other level (the window's adding path)."""
+    x = randn(gen, 2, 3, 12, 40)
+    sizes = [(12, 40), (24, 10)]
+    grads = [randn(gen, 2, 3, h, w) for h, w in sizes]
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        outs = msfast.pyramid(xx, sizes=sizes, mode="bilinear")
+        torch.autograd.backward(outs, grads)
+        return [o.detach() for o in outs] + [xx.grad]
+
+    fast, slow, _ = _both(run)
+    _assert_same(fast, slow)
+    xr = x.clone().requires_grad_(True)
+    ref = ref_pyramid(xr, sizes=sizes, mode="bilinear")
+    torch.autograd.backward(ref, grads)
+    torch.testing.assert_close(fast[-1], xr.grad, **GRAD_TOL)

@@ -11,13 +11,17 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // for resample_cpu_avx2.cpp, whose target pragma makes it usable
+#endif
+
 #include "msfast/ops.h"
 
 namespace msfast {
 // False under msfast._C._set_cpu_runner("no-stencil"): NCHW rows always take the gather,
-// so tests can check the stencil path (resample_kernels.h) against it.
+// so tests can check the stencil and window paths (resample_kernels.h) against it.
 bool cpu_stencil_enabled();  // csrc/cpu/gather_cpu.cpp
-std::atomic<int64_t>& stencil_terms_planned();  // how many terms took it: msfast._C._stencil_terms()
+std::atomic<int64_t>& stencil_terms_planned();  // how many terms took either: msfast._C._stencil_terms()
 
 namespace base {
 void run_jobs(const std::vector<Job>& jobs, at::ScalarType st, at::ScalarType dt);

@@ -12,7 +12,7 @@
 namespace msfast {
 
 std::atomic<int>& cpu_runner() {
-  static std::atomic<int> runner{0};  // 0: the CPU kernels, 1: gather_item, 2: CPU kernels without the stencil
+  static std::atomic<int> runner{0};  // 0: the CPU kernels, 1: gather_item, 2: CPU kernels without the stencil and window
   return runner;
 }
 

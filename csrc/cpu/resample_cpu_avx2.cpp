@@ -7,7 +7,9 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define MSFAST_CPU_ISA avx2
+#define MSFAST_CPU_AVX2 1  // GCC does not define __AVX2__ under a target pragma
 #include "cpu/resample_kernels.h"
+#undef MSFAST_CPU_AVX2
 #undef MSFAST_CPU_ISA
 #pragma GCC pop_options
 #endif

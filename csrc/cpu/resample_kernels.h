@@ -93,7 +93,32 @@ struct TermPlan {
   std::vector<int32_t> start32;
   std::vector<acc_t> wk;
   Stencil<acc_t> sten;  // the repeating interior of tw, if any (NCHW only)
+  // AVX2 float NCHW rows whose every 8 consecutive outputs read within 8 consecutive inputs
+  // (upscaling; see window_row): per group of 8 outputs the first of those inputs, and each
+  // output's first tap among them. Empty where the table does not fit.
+  std::vector<int32_t> win_base, win_idx;
 };
+
+// Plans window_row for a table, when every group of 8 outputs fits in a window of 8 inputs.
+template <typename acc_t>
+void plan_window(TermPlan<acc_t>& tp) {
+  const Table<acc_t>& t = tp.tw;
+  const int64_t groups = t.out / 8;
+  if (t.K > 8 || groups == 0) return;
+  std::vector<int32_t> base(groups), idx(groups * 8);
+  for (int64_t g = 0; g < groups; ++g) {
+    // rows of fewer than 8 inputs (the 7 of fpn_concat's 8x upscale) load lanes 0 .. in - 1
+    const int64_t b = std::max<int64_t>(0, std::min<int64_t>(t.start[8 * g], t.in - 8));
+    for (int64_t r = 0; r < 8; ++r) {
+      const int64_t d = t.start[8 * g + r] - b;
+      if (d < 0 || d + t.K > 8) return;
+      idx[8 * g + r] = static_cast<int32_t>(d);
+    }
+    base[g] = static_cast<int32_t>(b);
+  }
+  tp.win_base = std::move(base);
+  tp.win_idx = std::move(idx);
+}
 
 template <typename acc_t>
 struct JobPlan {
@@ -269,6 +294,34 @@ void horizontal_gather(const acc_t* __restrict__ tmp, const TermPlan<acc_t>& tp,
   }
 }
 
+#if MSFAST_CPU_AVX2
+// Outputs 0 .. 8 * groups - 1 of an NCHW row whose groups of 8 outputs read within 8
+// consecutive inputs (plan_window): one load of those inputs per group, and per tap a lane
+// permute instead of a gather (AVX2 gathers are slow on AMD; the stencil of an 8x upscale
+// had to assemble each vector from scalars). Same weights, same order as the gather.
+template <bool kAdd>
+void window_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float* __restrict__ out) {
+  const int64_t n = tp.tw.out, K = tp.tw.K, groups = static_cast<int64_t>(tp.win_base.size());
+  const float* __restrict__ wk = tp.wk.data();
+  const __m256i one = _mm256_set1_epi32(1);
+  // A row of fewer than 8 inputs: load only those (a masked load does not touch the others).
+  const bool short_row = tp.tw.in < 8;
+  const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(tp.tw.in)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 v = short_row ? _mm256_maskload_ps(tmp, lanes) : _mm256_loadu_ps(tmp + tp.win_base[g]);
+    __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp.win_idx.data() + 8 * g));
+    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(wk + 8 * g), _mm256_permutevar8x32_ps(v, idx));
+    for (int64_t k = 1; k < K; ++k) {
+      idx = _mm256_add_epi32(idx, one);
+      s = _mm256_fmadd_ps(_mm256_loadu_ps(wk + k * n + 8 * g), _mm256_permutevar8x32_ps(v, idx), s);
+    }
+    if (kAdd) s = _mm256_add_ps(_mm256_loadu_ps(out + 8 * g), s);
+    _mm256_storeu_ps(out + 8 * g, s);
+  }
+}
+#endif
+
 // The repeating interior of an NCHW row (see Stencil), P outputs per step of S inputs.
 template <int P, int S, int K, bool kAdd, typename acc_t>
 void stencil_row(const acc_t* __restrict__ tmp, const Stencil<acc_t>& st, acc_t* __restrict__ out) {
@@ -291,7 +344,7 @@ void stencil_row(const acc_t* __restrict__ tmp, const Stencil<acc_t>& st, acc_t*
 // The (P, S, K) compiled: 2x and 4x downscales with 2, 4 or 8 taps (bilinear, area,
 // antialiased bilinear and bicubic), 2x, 4x and 8x upscales with 2 or 4 taps, the adjoints
 // of those downscales (the backward), and the common fractional factors 3/4, 2/3, 3/2, 4/3.
-// Others keep the gather.
+// Others keep the gather. (Under AVX2, float upscale rows take window_row instead.)
 template <typename acc_t>
 void pick_stencil_kernel(Stencil<acc_t>& s, int64_t K) {
 #define MSFAST_S(P_, S_, K_)                                    \
@@ -335,8 +388,17 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
   }
   if (!tp.start32.empty() && ro.px == 1) {
     const int64_t n = tp.tw.out;
-    int64_t lo = n, hi = n;  // outputs the stencil computed
-    if (tp.sten.P > 0) {
+    int64_t lo = n, hi = n;  // outputs the window or the stencil computed
+#if MSFAST_CPU_AVX2
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (!tp.win_base.empty()) {
+        add ? window_row<true>(tmp, tp, out) : window_row<false>(tmp, tp, out);
+        lo = 0;
+        hi = 8 * static_cast<int64_t>(tp.win_base.size());
+      }
+    }
+#endif
+    if (lo == n && tp.sten.P > 0) {
       (add ? tp.sten.add : tp.sten.assign)(tmp, tp.sten, out);
       lo = tp.sten.a;
       hi = lo + tp.sten.P * tp.sten.nq;
@@ -366,6 +428,17 @@ struct RowMaker {
   std::vector<acc_t> tmp;    // one source row in acc_t, packed
   std::vector<acc_t> ring;   // h_first: tp.ring horizontally resampled source rows
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
+
+  // A source row as a packed acc_t row: the row itself when it is one already (a float
+  // NCHW row: copying it cost 8% of fpn_concat's forward), else converted into tmp.
+  const acc_t* source_row(const View& v, const src_t* row) {
+    if constexpr (std::is_same_v<src_t, acc_t>) {
+      if (v.px == v.cp) return row;
+    }
+    if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
+    axpy<false>(row, row_of(v), acc_t(1), tmp.data(), packed_row(v.W, v.cp));
+    return tmp.data();
+  }
 
   void run(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, bool add, acc_t* out, const Row& ro) {
     const View& v = tp.v;
@@ -411,9 +484,7 @@ struct RowMaker {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t y = y0 + k, slot = y & mask;
       if (tag[slot] == y) continue;
-      if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
-      axpy<false>(plane + y * v.row, row_of(v), acc_t(1), tmp.data(), packed_row(v.W, v.cp));
-      horizontal(tp, tmp.data(), false, ring.data() + slot * n, rr);
+      horizontal(tp, source_row(v, plane + y * v.row), false, ring.data() + slot * n, rr);
       tag[slot] = y;
     }
   }
@@ -492,8 +563,14 @@ void run_typed(const std::vector<Job>& jobs) {
         tp.wk.resize(n * K);
         for (int64_t ox = 0; ox < n; ++ox)
           for (int64_t k = 0; k < K; ++k) tp.wk[k * n + ox] = tp.tw.w[ox * K + k];
-        if (cpu_stencil_enabled()) tp.sten = make_stencil(tp.tw);
-        if (tp.sten.P > 0) stencil_terms_planned().fetch_add(1, std::memory_order_relaxed);
+        if (cpu_stencil_enabled()) {
+          tp.sten = make_stencil(tp.tw);
+#if MSFAST_CPU_AVX2
+          if constexpr (std::is_same_v<acc_t, float>) plan_window(tp);
+#endif
+        }
+        if (tp.sten.P > 0 || !tp.win_base.empty())
+          stencil_terms_planned().fetch_add(1, std::memory_order_relaxed);
       }
       // Fewer source rows than output rows: gather each source row once (see the top).
       // Wide channels_last pixels too: their horizontal pass is a vector loop over channels, as
