@@ -130,6 +130,10 @@ struct JobPlan {
   std::vector<acc_t> scale, shift;
   bool direct = false;  // dst is acc_t with no affine: rows are computed in place
   bool rows2 = false;  // one two-tap h_first term, no affine: RowMaker::run_rows2 writes dst
+  // One identity term (a scale 1 level, a feature already at the concat's size), no affine,
+  // source and destination of one type: rows are copied. (A bfloat16 row would otherwise
+  // go to float and back: pyramid's channels_last bfloat16 forward was slower than float32's.)
+  bool copy = false;
 };
 
 template <typename acc_t>
@@ -584,6 +588,8 @@ void run_typed(const std::vector<Job>& jobs) {
     }
     p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty();
     p.rows2 = p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_first && p.terms[0].th.K == 2;
+    p.copy = std::is_same_v<src_t, dst_t> && p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_unit &&
+             is_unit(p.terms[0].th);
     max_acc = std::max(max_acc, p.dst.W * p.dst.cp);
     total_values += p.dst.planes * p.dst.H * p.dst.W * p.dst.cp;
     first_item.push_back(first_item.back() + p.dst.planes * p.dst.H);
@@ -635,6 +641,16 @@ void run_typed(const std::vector<Job>& jobs) {
         makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst);
         item += rows_end - oy;
         oy = rows_end;
+      }
+      if (p.copy) {
+        const View& v = p.terms[0].v;
+        for (; oy < rows_end; ++oy, ++item) {
+          const src_t* s = src[0] + oy * v.row;
+          dst_t* d = out + oy * p.dst.row;
+          for_runs(row_of(v), row_of(p.dst), [&](int64_t so, int64_t dof, int64_t len) {
+            std::memcpy(d + dof, s + so, len * sizeof(dst_t));
+          });
+        }
       }
       for (; oy < rows_end; ++oy, ++item) {
         dst_t* row = out + oy * p.dst.row;
