@@ -310,7 +310,8 @@ void window_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float*
   const int64_t n = tp.tw.out, K = tp.tw.K, groups = static_cast<int64_t>(tp.win_base.size());
   const float* __restrict__ wk = tp.wk.data();
   const __m256i one = _mm256_set1_epi32(1);
-  // A row of fewer than 8 inputs: load only those (a masked load does not touch the others).
+  // A row of fewer than 8 inputs (every window at 0): load only those lanes (a masked load
+  // does not touch the others).
   const bool short_row = tp.tw.in < 8;
   const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(tp.tw.in)),
                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -404,7 +405,7 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
       }
     }
 #endif
-    if (lo == n && tp.sten.P > 0) {
+    if (tp.sten.P > 0) {
       (add ? tp.sten.add : tp.sten.assign)(tmp, tp.sten, out);
       lo = tp.sten.a;
       hi = lo + tp.sten.P * tp.sten.nq;
@@ -569,11 +570,12 @@ void run_typed(const std::vector<Job>& jobs) {
         tp.wk.resize(n * K);
         for (int64_t ox = 0; ox < n; ++ox)
           for (int64_t k = 0; k < K; ++k) tp.wk[k * n + ox] = tp.tw.w[ox * K + k];
+        // The window where it fits, else the stencil (never both: the window covers the row).
         if (cpu_stencil_enabled()) {
-          tp.sten = make_stencil(tp.tw);
 #if MSFAST_CPU_AVX2
           if constexpr (std::is_same_v<acc_t, float>) plan_window(tp);
 #endif
+          if (tp.win_base.empty()) tp.sten = make_stencil(tp.tw);
         }
         if (tp.sten.P > 0 || !tp.win_base.empty())
           stencil_terms_planned().fetch_add(1, std::memory_order_relaxed);
