@@ -210,6 +210,37 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
   });
 }
 
+#if MSFAST_CPU_AVX2
+// 8 floats to 8 bfloat16, rounded as to_dst rounds them.
+inline __m128i bf16x8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan =
+      _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+  const __m256i b = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+}
+
+// o[c] = w0 * a[c] + w1 * b[c] for c < len, in 8-value steps and the same operations as the
+// scalar loop's. GCC vectorizes that loop 16 values a step with a 4-wide and a scalar tail:
+// for the 56-value rows of fpn_concat most of the row went to its prologue and tails.
+template <typename out_t>
+inline void blend2_avx2(const float* a, const float* b, int64_t len, float w0, float w1, out_t* o) {
+  const __m256 v0 = _mm256_set1_ps(w0), v1 = _mm256_set1_ps(w1);
+  int64_t c = 0;
+  for (; c + 8 <= len; c += 8) {
+    const __m256 v = _mm256_fmadd_ps(v1, _mm256_loadu_ps(b + c), _mm256_mul_ps(v0, _mm256_loadu_ps(a + c)));
+    if constexpr (std::is_same_v<out_t, float>) {
+      _mm256_storeu_ps(o + c, v);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + c), bf16x8(v));
+    }
+  }
+  for (; c < len; ++c) o[c] = to_dst<out_t>(std::fma(w1, b[c], w0 * a[c]));
+}
+#endif
+
 // d (+)= w0 * s0 + w1 * s1, elementwise over a row (s0, s1: packed rows from the cache).
 // d may be the destination row itself in another type (assigning only): the conversion
 // then happens in this pass instead of a separate one.
@@ -220,6 +251,11 @@ inline void axpy2(const acc_t* s0, const acc_t* s1, const Row& rs, acc_t w0, acc
     const acc_t* __restrict__ a = s0 + so;
     const acc_t* __restrict__ b = s1 + so;
     out_t* __restrict__ o = d + dof;
+#if MSFAST_CPU_AVX2
+    if constexpr (!kAdd && std::is_same_v<acc_t, float> &&
+                  (std::is_same_v<out_t, float> || std::is_same_v<out_t, at::BFloat16>))
+      return blend2_avx2(a, b, len, w0, w1, o);
+#endif
     for (int64_t c = 0; c < len; ++c) {
       const acc_t v = w0 * a[c] + w1 * b[c];
       if constexpr (kAdd) {
