@@ -18,6 +18,8 @@ const char* cpu_isa();  // csrc/cpu/resample_cpu.cpp
 void empty_cpu_cache();  // csrc/cpu/out_cache.cpp
 void set_cpu_runner(const std::string& name);  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stencil_terms_planned();  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& stream_bytes();  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& streamed_calls();  // csrc/cpu/gather_cpu.cpp
 }  // namespace msfast
 
 PYBIND11_MODULE(_C, m) {
@@ -30,6 +32,11 @@ PYBIND11_MODULE(_C, m) {
         "its 64-bit index path)");
   m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },
         "Testing hook: how many NCHW terms the CPU kernels have run with the row stencil or window");
+  m.def("_set_stream_bytes", [](int64_t n) { return msfast::stream_bytes().exchange(n); },
+        "Testing hook: CPU calls writing more bytes than this use non-temporal stores where every byte of "
+        "their output can take one (default 64 MiB); returns the previous value");
+  m.def("_streamed_calls", []() { return msfast::streamed_calls().load(); },
+        "Testing hook: how many CPU calls have used non-temporal stores");
   m.def("build_info", []() {
     pybind11::dict d;
     d["torch_version"] = MSFAST_TORCH_VERSION;

@@ -23,6 +23,16 @@ std::atomic<int64_t>& stencil_terms_planned() {
   return n;
 }
 
+std::atomic<int64_t>& stream_bytes() {
+  static std::atomic<int64_t> n{int64_t{64} << 20};  // 64 MiB; see JobPlan::stream
+  return n;
+}
+
+std::atomic<int64_t>& streamed_calls() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 void set_cpu_runner(const std::string& name) {
   TORCH_CHECK_VALUE(name == "native" || name == "no-stencil" || name == "gather" || name == "gather64",
                     "msfast: cpu runner must be 'native', 'no-stencil', 'gather' or 'gather64', got '", name, "'");

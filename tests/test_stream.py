@@ -1,0 +1,119 @@
+"""Non-temporal stores and the pixel order of channels_last concats (csrc/cpu/resample_kernels.h,
+JobPlan::stream and run_typed).
+
+A CPU call that writes more than ``msfast._C._set_stream_bytes`` bytes (64 MiB by default) writes
+its output with non-temporal stores when every byte of it can take one: every job a two-tap
+upscale or a copy, every run aligned to one store. Here the threshold is lowered to 0 so small
+inputs take that path; ``_streamed_calls`` says whether they did. The stores hold the same values
+as plain ones, so streamed results must equal the plain results bit for bit, and the reference.
+
+A channels_last concat whose features can be computed pixel by pixel writes each output pixel's
+slices in turn (all features of a row at once); those results are checked against the reference
+for every kind of term that path runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randn, ref_upsample_concat, tol
+
+import msfast
+from msfast import _ops
+
+pytestmark = pytest.mark.skipif(_ops._C is None, reason="msfast._C is not built")
+
+AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] == "avx2"
+
+
+def _streamed(fn):
+    """(fn() with the threshold at 0, fn() with the default threshold, whether the first streamed)."""
+    before = _ops._C._streamed_calls()
+    old = _ops._C._set_stream_bytes(0)
+    try:
+        fast = fn()
+    finally:
+        _ops._C._set_stream_bytes(old)
+    streamed = _ops._C._streamed_calls() > before
+    plain = fn()
+    return fast, plain, streamed
+
+
+# fpn_concat's pattern, scaled down: an identity feature (copied) and 2x, 4x, 8x upscales (two
+# taps), channel counts of whole stores in both dtypes.
+SPEC = [(16, 32), (32, 16), (16, 8), (8, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("use_out", [False, True])
+def test_streamed_concat_matches_plain_and_reference(gen, dtype, channels_last, use_out):
+    feats = [randn(gen, 2, c, s, s, dtype=dtype, channels_last=channels_last) for c, s in SPEC]
+    shape = (2, sum(c for c, _ in SPEC), 32, 32)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run():
+        if not use_out:
+            return msfast.upsample_concat(feats, (32, 32))
+        out = torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+        res = msfast.upsample_concat(feats, (32, 32), out=out)
+        assert res.data_ptr() == out.data_ptr()
+        return res
+
+    fast, plain, streamed = _streamed(run)
+    assert streamed == AVX2, "an aligned two-tap concat above the threshold streams under AVX2"
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, ref_upsample_concat(feats, (32, 32)), **tol(dtype, upscale=True))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # 7-value float32 rows (28 bytes): NCHW row starts are not all 32-byte aligned
+        dict(spec=[(3, 7), (2, 4)], size=(7, 7), mode="bilinear", cl=False),
+        # three channels a pixel: channels_last slices are not whole stores
+        dict(spec=[(3, 8), (5, 4)], size=(8, 8), mode="bilinear", cl=True),
+        # four taps: not a blend of two rows
+        dict(spec=[(16, 8), (8, 4)], size=(16, 16), mode="bicubic", cl=True),
+    ],
+    ids=["unaligned-rows", "unaligned-slices", "bicubic"],
+)
+def test_unstreamable_calls_use_plain_stores(gen, case):
+    feats = [randn(gen, 2, c, s, s, channels_last=case["cl"]) for c, s in case["spec"]]
+    fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, case["size"], mode=case["mode"]))
+    assert not streamed
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, ref_upsample_concat(feats, case["size"], mode=case["mode"]),
+                               **tol(torch.float32, upscale=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest", "nearest-exact"])
+def test_channels_last_concat_pixel_order(gen, dtype, mode):
+    """Every kind of term the pixel order computes: identity (copied), upscales (two-tap blends,
+    bicubic's four taps), wide downscales (resampled horizontally first), a feature needing only
+    a vertical pass, and odd channel counts (slices that share cache lines)."""
+    feats = [
+        randn(gen, 2, 17, 12, 10, dtype=dtype, channels_last=True),  # identity
+        randn(gen, 2, 16, 5, 4, dtype=dtype, channels_last=True),    # upscale
+        randn(gen, 2, 20, 30, 25, dtype=dtype, channels_last=True),  # downscale, 20 channels
+        randn(gen, 2, 3, 6, 10, dtype=dtype, channels_last=True),    # vertical only
+    ]
+    out = msfast.upsample_concat(feats, (12, 10), mode=mode)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref_upsample_concat(feats, (12, 10), mode=mode), **tol(dtype, upscale=True))
+
+
+def test_channels_last_concat_pixel_order_backward(gen):
+    feats = [randn(gen, 1, c, s, s + 1, dtype=torch.float64, channels_last=True, requires_grad=True)
+             for c, s in [(16, 3), (16, 2), (16, 5)]]
+    assert torch.autograd.gradcheck(lambda *f: msfast.upsample_concat(list(f), (3, 4)), feats)
+
+
+def test_stream_threshold_hook_returns_previous():
+    old = _ops._C._set_stream_bytes(123)
+    try:
+        assert _ops._C._set_stream_bytes(456) == 123
+    finally:
+        _ops._C._set_stream_bytes(old)
+    assert old == 64 << 20
