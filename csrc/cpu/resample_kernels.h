@@ -238,46 +238,48 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
 }
 
 #if MSFAST_CPU_AVX2
-// 8 floats to 8 bfloat16, rounded as to_dst rounds them.
-inline __m128i bf16x8(__m256 v) {
+// 8 floats rounded to bfloat16 as to_dst rounds them, in the low half of each lane.
+inline __m256i bf16_bits(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan =
-      _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
-  const __m256i b = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
-// o[c] = w0 * a[c] + w1 * b[c] for c < len, in 8-value steps and the same operations as the
-// scalar loop's. GCC vectorizes that loop 16 values a step with a 4-wide and a scalar tail:
-// for the 56-value rows of fpn_concat most of the row went to its prologue and tails.
-// stream: non-temporal stores, for a run aligned to one store (see JobPlan::stream).
+// o[c] = w0 * a[c] + w1 * b[c] for c < len, in 8-value steps (16 for bfloat16, packed in one
+// go) and the same operations as the scalar loop's. GCC vectorizes that loop 16 values a step
+// with a 4-wide and a scalar tail: for the 56-value rows of fpn_concat most of the row went to
+// its prologue and tails. stream: non-temporal stores, for a run aligned to 8 values (see
+// JobPlan::stream).
 template <typename out_t>
 inline void blend2_avx2(const float* a, const float* b, int64_t len, float w0, float w1, out_t* o, bool stream) {
   const __m256 v0 = _mm256_set1_ps(w0), v1 = _mm256_set1_ps(w1);
   auto value = [&](int64_t c) {
     return _mm256_fmadd_ps(v1, _mm256_loadu_ps(b + c), _mm256_mul_ps(v0, _mm256_loadu_ps(a + c)));
   };
-  auto scalar = [&](int64_t c) { o[c] = to_dst<out_t>(std::fma(w1, b[c], w0 * a[c])); };
+  auto at = [&](int64_t c) { return reinterpret_cast<__m128i*>(o + c); };
+  const bool nt = stream && reinterpret_cast<uintptr_t>(o) % (8 * sizeof(out_t)) == 0;
   int64_t c = 0;
-  if (stream && reinterpret_cast<uintptr_t>(o) % (8 * sizeof(out_t)) == 0) {
-    for (; c + 8 <= len; c += 8) {
-      if constexpr (std::is_same_v<out_t, float>) {
-        _mm256_stream_ps(o + c, value(c));
+  if constexpr (std::is_same_v<out_t, float>) {
+    for (; c + 8 <= len; c += 8) nt ? _mm256_stream_ps(o + c, value(c)) : _mm256_storeu_ps(o + c, value(c));
+  } else {
+    for (; c + 16 <= len; c += 16) {
+      const __m256i r = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits(value(c)), bf16_bits(value(c + 8))), 0xD8);
+      if (nt) {
+        _mm_stream_si128(at(c), _mm256_castsi256_si128(r));
+        _mm_stream_si128(at(c + 8), _mm256_extracti128_si256(r, 1));
       } else {
-        _mm_stream_si128(reinterpret_cast<__m128i*>(o + c), bf16x8(value(c)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), r);
       }
     }
-  }
-  for (; c + 8 <= len; c += 8) {
-    if constexpr (std::is_same_v<out_t, float>) {
-      _mm256_storeu_ps(o + c, value(c));
-    } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + c), bf16x8(value(c)));
+    if (c + 8 <= len) {
+      const __m256i r = bf16_bits(value(c));
+      const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      nt ? _mm_stream_si128(at(c), h) : _mm_storeu_si128(at(c), h);
+      c += 8;
     }
   }
-  for (; c < len; ++c) scalar(c);
+  for (; c < len; ++c) o[c] = to_dst<out_t>(std::fma(w1, b[c], w0 * a[c]));
 }
 #endif
 
@@ -396,9 +398,9 @@ void horizontal_gather(const acc_t* __restrict__ tmp, const TermPlan<acc_t>& tp,
 // consecutive inputs (plan_window): one load of those inputs per group, and per tap a lane
 // permute instead of a gather (AVX2 gathers are slow on AMD; the stencil of an 8x upscale
 // had to assemble each vector from scalars). Same weights, same order as the gather.
-template <bool kAdd>
+template <bool kAdd, int KW>
 void window_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float* __restrict__ out) {
-  const int64_t n = tp.tw.out, K = tp.tw.K, groups = static_cast<int64_t>(tp.win_base.size());
+  const int64_t n = tp.tw.out, K = KW > 0 ? KW : tp.tw.K, groups = static_cast<int64_t>(tp.win_base.size());
   const float* __restrict__ wk = tp.wk.data();
   const __m256i one = _mm256_set1_epi32(1);
   // A row of fewer than 8 inputs (every window at 0): load only those lanes (a masked load
@@ -490,7 +492,11 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
 #if MSFAST_CPU_AVX2
     if constexpr (std::is_same_v<acc_t, float>) {
       if (!tp.win_base.empty()) {
-        add ? window_row<true>(tmp, tp, out) : window_row<false>(tmp, tp, out);
+        if (tp.tw.K == 2) {  // bilinear: the taps unrolled
+          add ? window_row<true, 2>(tmp, tp, out) : window_row<false, 2>(tmp, tp, out);
+        } else {
+          add ? window_row<true, 0>(tmp, tp, out) : window_row<false, 0>(tmp, tp, out);
+        }
         lo = 0;
         hi = 8 * static_cast<int64_t>(tp.win_base.size());
       }
@@ -501,6 +507,7 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
       lo = tp.sten.a;
       hi = lo + tp.sten.P * tp.sten.nq;
     }
+    if (lo == 0 && hi == n) return;
 #define MSFAST_G(KW)                                                                       \
   if (add) {                                                                               \
     horizontal_gather<KW, true>(tmp, tp, out, 0, lo), horizontal_gather<KW, true>(tmp, tp, out, hi, n);     \
