@@ -3,9 +3,10 @@ JobPlan::stream and run_typed).
 
 A CPU call that writes more than ``msfast._C._set_stream_bytes`` bytes (64 MiB by default) writes
 its output with non-temporal stores when every byte of it can take one: every job a two-tap
-upscale or a copy, every run aligned to one store. Here the threshold is lowered to 0 so small
-inputs take that path; ``_streamed_calls`` says whether they did. The stores hold the same values
-as plain ones, so streamed results must equal the plain results bit for bit, and the reference.
+upscale or a copy, every run aligned to one store, and not 16-bit NCHW rows. Here the threshold
+is lowered to 0 so small inputs take that path; ``_streamed_calls`` says whether they did. The
+stores hold the same values as plain ones, so streamed results must equal the plain results bit
+for bit, and the reference.
 
 A channels_last concat whose features can be computed pixel by pixel writes each output pixel's
 slices in turn (all features of a row at once); those results are checked against the reference
@@ -61,7 +62,8 @@ def test_streamed_concat_matches_plain_and_reference(gen, dtype, channels_last, 
         return res
 
     fast, plain, streamed = _streamed(run)
-    assert streamed == AVX2, "an aligned two-tap concat above the threshold streams under AVX2"
+    # bfloat16 NCHW rows keep plain stores (compute-bound there; see JobPlan::stream)
+    assert streamed == (AVX2 and (dtype == torch.float32 or channels_last))
     assert torch.equal(fast, plain)
     torch.testing.assert_close(fast, ref_upsample_concat(feats, (32, 32)), **tol(dtype, upscale=True))
 

@@ -144,13 +144,16 @@ struct JobPlan {
   // line into the cache before writing it. Those reads compete with the loads of the ring
   // rows: on this project's EPYC, writing fpn_concat's 192 MB channels_last output as blends
   // of two cached rows took 21 ms with plain stores on one thread and 11.5 ms with
-  // non-temporal ones (10 ms for a plain fill); 11.4 and 7.9 ms on two threads. Set for a
-  // whole call or not at all, and only when every byte of its output is written by a
-  // non-temporal store: when a line gets plain stores too (an unaligned row start, an
-  // affine job's slice next to it), it is read in and written back again and again (a
-  // bfloat16 copy of 112-byte rows went from 0.45 to 7 ms). Only calls writing more than
-  // stream_bytes() (64 MiB): below the size of a large last-level cache, plain stores leave
-  // the output in cache for whatever reads it next.
+  // non-temporal ones (10 ms for a plain fill); 11.4 and 7.9 ms on two threads.
+  // - Set for a whole call or not at all, and only when every byte of its output is written
+  //   by a non-temporal store: a line that gets plain stores too (an unaligned row start, an
+  //   affine job's slice next to it) is read in and written back again and again (a bfloat16
+  //   copy of 112-byte rows went from 0.45 to 7 ms).
+  // - Not for 16-bit NCHW rows: their blends are bound by the rounding, not by memory, and
+  //   fpn_concat's bfloat16 NCHW forward was 10-13% slower this way (channels_last: 20-28%
+  //   faster).
+  // - Only for calls writing more than stream_bytes() (64 MiB): below the size of a large
+  //   last-level cache, plain stores leave the output in cache for whatever reads it next.
   bool stream = false;
 };
 
@@ -721,7 +724,9 @@ void run_typed(const std::vector<Job>& jobs) {
   const int64_t items = first_item.back();
   if (items == 0) return;
   bool stream = kAvx2 && total_values * static_cast<int64_t>(sizeof(dst_t)) > stream_bytes().load();
-  for (const auto& p : plans) stream = stream && (p.rows2 || p.copy) && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
+  for (const auto& p : plans)
+    stream = stream && (p.rows2 || p.copy) && (sizeof(dst_t) >= 4 || p.dst.cl) &&
+             runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
   for (auto& p : plans) p.stream = stream;
   if (stream) streamed_calls().fetch_add(1, std::memory_order_relaxed);
   // Non-temporal stores are weakly ordered: each task fences its own before it ends.
