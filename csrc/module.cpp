@@ -33,8 +33,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },
         "Testing hook: how many NCHW terms the CPU kernels have run with the row stencil or window");
   m.def("_set_stream_bytes", [](int64_t n) { return msfast::stream_bytes().exchange(n); },
-        "Testing hook: CPU calls writing more bytes than this use non-temporal stores where every byte of "
-        "their output can take one (default 64 MiB); returns the previous value");
+        "Testing hook: CPU calls moving more bytes than this (inputs read and output written) use "
+        "non-temporal stores where every byte of an output can take one (default 32 MiB); returns the "
+        "previous value");
   m.def("_streamed_calls", []() { return msfast::streamed_calls().load(); },
         "Testing hook: how many CPU calls have used non-temporal stores");
   m.def("build_info", []() {

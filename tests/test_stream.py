@@ -1,9 +1,10 @@
 """Non-temporal stores and the pixel order of channels_last concats (csrc/cpu/resample_kernels.h,
 JobPlan::stream and run_typed).
 
-A CPU call that writes more than ``msfast._C._set_stream_bytes`` bytes (64 MiB by default) writes
-its output with non-temporal stores when every byte of it can take one: every job a two-tap
-upscale or a copy, every run aligned to one store, and not 16-bit NCHW rows. Here the threshold
+A CPU call that moves more than ``msfast._C._set_stream_bytes`` bytes (32 MiB by default, inputs
+and output) writes an output with non-temporal stores when every byte of it can take one: jobs
+of two-tap upscales or copies, every run aligned to one store, not 16-bit NCHW rows, and no job
+that cannot stream writing into the same tensor. Here the threshold
 is lowered to 0 so small inputs take that path; ``_streamed_calls`` says whether they did. The
 stores hold the same values as plain ones, so streamed results must equal the plain results bit
 for bit, and the reference.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randn, ref_upsample_concat, tol
+from conftest import randn, ref_pyramid, ref_upsample_concat, tol
 
 import msfast
 from msfast import _ops
@@ -89,6 +90,29 @@ def test_unstreamable_calls_use_plain_stores(gen, case):
                                **tol(torch.float32, upscale=True))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pyramid_streams_its_copied_level_only(gen, channels_last):
+    """Each level is its own tensor: the scale-1 level (a copy) streams, the downscaled ones keep
+    plain stores, and all match the plain results and the reference."""
+    x = randn(gen, 2, 3, 32, 40, channels_last=channels_last)
+    kw = dict(mode="bilinear", antialias=True)
+    fast, plain, streamed = _streamed(lambda: msfast.pyramid(x, [1.0, 0.5, 0.25], **kw))
+    assert streamed == AVX2
+    for a, b, r in zip(fast, plain, ref_pyramid(x, [1.0, 0.5, 0.25], **kw), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, **tol(torch.float32))
+
+
+def test_concat_with_one_unaligned_slice_does_not_stream(gen):
+    """Slices of one tensor share cache lines at their edges: when one cannot stream (three
+    channels a pixel), none does."""
+    feats = [randn(gen, 2, 16, 16, 16, channels_last=True), randn(gen, 2, 3, 8, 8, channels_last=True)]
+    fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, (16, 16)))
+    assert not streamed
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, ref_upsample_concat(feats, (16, 16)), **tol(torch.float32, upscale=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest", "nearest-exact"])
 def test_channels_last_concat_pixel_order(gen, dtype, mode):
@@ -118,4 +142,4 @@ def test_stream_threshold_hook_returns_previous():
         assert _ops._C._set_stream_bytes(456) == 123
     finally:
         _ops._C._set_stream_bytes(old)
-    assert old == 64 << 20
+    assert old == 32 << 20

@@ -22,7 +22,8 @@ namespace msfast {
 // so tests can check the stencil and window paths (resample_kernels.h) against it.
 bool cpu_stencil_enabled();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stencil_terms_planned();  // how many terms took either: msfast._C._stencil_terms()
-// Calls writing more bytes than this use non-temporal stores where they can (JobPlan::stream);
+// Calls moving more bytes than this (inputs read and output written) use non-temporal stores
+// where they can (JobPlan::stream);
 // msfast._C._set_stream_bytes changes it for tests, msfast._C._streamed_calls counts them.
 std::atomic<int64_t>& stream_bytes();
 std::atomic<int64_t>& streamed_calls();
