@@ -271,7 +271,8 @@ inline void blend2_avx2(const float* a, const float* b, int64_t len, float w0, f
     for (; c + 8 <= len; c += 8) nt ? _mm256_stream_ps(o + c, value(c)) : _mm256_storeu_ps(o + c, value(c));
   } else {
     for (; c + 16 <= len; c += 16) {
-      const __m256i r = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits(value(c)), bf16_bits(value(c + 8))), 0xD8);
+      const __m256i r =
+          _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits(value(c)), bf16_bits(value(c + 8))), 0xD8);
       if (nt) {
         _mm_stream_si128(at(c), _mm256_castsi256_si128(r));
         _mm_stream_si128(at(c + 8), _mm256_extracti128_si256(r, 1));
@@ -640,7 +641,8 @@ struct RowMaker {
     const int64_t* start = tp.th.start.data();
     while (oy < oy_end) {
       fill_ring(tp, plane, oy);
-      for (const int64_t y0 = start[oy]; oy < oy_end && start[oy] == y0; ++oy) blend2(tp, oy, 0, out + oy * d.row, ro, stream);
+      for (const int64_t y0 = start[oy]; oy < oy_end && start[oy] == y0; ++oy)
+        blend2(tp, oy, 0, out + oy * d.row, ro, stream);
     }
   }
 
@@ -667,6 +669,43 @@ void write_row(dst_t* out, const Row& ro, int64_t ch, const acc_t* acc, const Jo
       for (int64_t c = 0; c < len; ++c) o[c] = to_dst<dst_t>(a[c] * m[c] + b[c]);
     }
   });
+}
+
+// Sets JobPlan::stream: for the jobs that can take non-temporal stores, unless a job writing
+// into the same span of bytes (another slice of a concat) cannot, in calls moving more than
+// stream_bytes() (inputs read once, output written).
+template <typename src_t, typename dst_t, typename acc_t>
+void plan_streams(std::vector<JobPlan<acc_t>>& plans, int64_t total_values) {
+  if (!kAvx2) return;
+  int64_t moved = total_values * static_cast<int64_t>(sizeof(dst_t));
+  std::vector<const void*> seen;
+  for (const auto& p : plans)
+    for (const auto& tp : p.terms)
+      if (std::find(seen.begin(), seen.end(), tp.v.data) == seen.end()) {
+        seen.push_back(tp.v.data);
+        moved += tp.v.planes * tp.v.H * tp.v.W * tp.v.cp * static_cast<int64_t>(sizeof(src_t));
+      }
+  if (moved <= stream_bytes().load()) return;
+  std::vector<std::pair<uintptr_t, uintptr_t>> span;  // first and last byte each job writes
+  for (const auto& p : plans) {
+    const View& d = p.dst;
+    const int64_t last = d.plane_offset(d.planes - 1) + (d.H - 1) * d.row + (d.W - 1) * d.px + d.cp;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(d.data);
+    span.emplace_back(a, a + last * sizeof(dst_t) - 1);
+  }
+  auto can = [](const JobPlan<acc_t>& p) {
+    return (p.rows2 || p.copy) && (sizeof(dst_t) >= 4 || p.dst.cl) &&
+           runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
+  };
+  bool any = false;
+  for (size_t j = 0; j < plans.size(); ++j) {
+    bool ok = can(plans[j]);
+    for (size_t k = 0; ok && k < plans.size(); ++k)
+      ok = can(plans[k]) || span[k].second < span[j].first || span[j].second < span[k].first;
+    plans[j].stream = ok;
+    any = any || ok;
+  }
+  if (any) streamed_calls().fetch_add(1, std::memory_order_relaxed);
 }
 
 template <typename src_t, typename dst_t, typename acc_t>
@@ -727,38 +766,7 @@ void run_typed(const std::vector<Job>& jobs) {
   }
   const int64_t items = first_item.back();
   if (items == 0) return;
-  // Non-temporal stores (see JobPlan::stream): for the jobs that can take them, unless a job
-  // writing into the same bytes' span (another slice of a concat) cannot.
-  int64_t moved = total_values * static_cast<int64_t>(sizeof(dst_t));  // bytes written, plus each source once
-  std::vector<const void*> seen;
-  for (const auto& p : plans)
-    for (const auto& tp : p.terms)
-      if (std::find(seen.begin(), seen.end(), tp.v.data) == seen.end()) {
-        seen.push_back(tp.v.data);
-        moved += tp.v.planes * tp.v.H * tp.v.W * tp.v.cp * static_cast<int64_t>(sizeof(src_t));
-      }
-  if (kAvx2 && moved > stream_bytes().load()) {
-    std::vector<std::pair<uintptr_t, uintptr_t>> span;  // first and last byte each job writes
-    for (const auto& p : plans) {
-      const View& d = p.dst;
-      const uintptr_t a = reinterpret_cast<uintptr_t>(d.data);
-      const int64_t last = d.plane_offset(d.planes - 1) + (d.H - 1) * d.row + (d.W - 1) * d.px + d.cp - 1;
-      span.emplace_back(a, a + last * sizeof(dst_t) + sizeof(dst_t) - 1);
-    }
-    auto can = [&](const JobPlan<acc_t>& p) {
-      return (p.rows2 || p.copy) && (sizeof(dst_t) >= 4 || p.dst.cl) &&
-             runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
-    };
-    bool any = false;
-    for (size_t j = 0; j < plans.size(); ++j) {
-      bool ok = can(plans[j]);
-      for (size_t k = 0; ok && k < plans.size(); ++k)
-        ok = can(plans[k]) || span[k].second < span[j].first || span[j].second < span[k].first;
-      plans[j].stream = ok;
-      any = any || ok;
-    }
-    if (any) streamed_calls().fetch_add(1, std::memory_order_relaxed);
-  }
+  plan_streams<src_t, dst_t>(plans, total_values);
   // Non-temporal stores are weakly ordered: each task fences its own before it ends.
   auto fence = [] {
 #if MSFAST_CPU_AVX2
