@@ -625,6 +625,14 @@ struct RowMaker {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t y = y0 + k, slot = y & mask;
       if (tag[slot] == y) continue;
+      // A channel slice (the gradient of a channels_last concat): fetch the next row's slice
+      // into L2 while this one is read, which the per-pixel prefetch of axpy cannot start early.
+      if (v.px != v.cp && y + 1 < v.H) {
+        constexpr int64_t kLine = 64 / sizeof(src_t);
+        const src_t* next = plane + (y + 1) * v.row;
+        for (int64_t x = 0; x < v.W; ++x)
+          for (int64_t c = 0; c < v.cp; c += kLine) __builtin_prefetch(next + x * v.px + c, 0, 2);
+      }
       horizontal(tp, source_row(v, plane + y * v.row), false, ring.data() + slot * n, rr);
       tag[slot] = y;
     }
