@@ -11,14 +11,16 @@ for bit, and the reference.
 
 A channels_last concat whose features can be computed pixel by pixel writes each output pixel's
 slices in turn (all features of a row at once); those results are checked against the reference
-for every kind of term that path runs.
+for every kind of term that path runs. Its backward, with enough images for the threads, reads
+the gradient's rows in order (source order): every feature's gradient must equal, bit for bit,
+the one computed image by image (the row order), and the reference's.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randn, ref_pyramid, ref_upsample_concat, tol
+from conftest import GRAD_TOL, randn, ref_pyramid, ref_upsample_concat, tol
 
 import msfast
 from msfast import _ops
@@ -143,3 +145,27 @@ def test_stream_threshold_hook_returns_previous():
     finally:
         _ops._C._set_stream_bytes(old)
     assert old == 32 << 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_channels_last_concat_backward_source_order(gen, one_thread, dtype, mode):
+    spec = [(16, 12), (24, 6), (32, 3), (16, 5)]  # identity (a copy), 2x, 4x and 12/5 upscales
+    feats = [randn(gen, 4, c, s, s, dtype=dtype, channels_last=True, requires_grad=True) for c, s in spec]
+    grad = randn(gen, 4, sum(c for c, _ in spec), 12, 12, dtype=dtype, channels_last=True)
+    batch = torch.autograd.grad(msfast.upsample_concat(feats, (12, 12), mode=mode), feats, grad)
+    for i in range(4):  # one image: too few planes for the source order
+        one = [f[i:i + 1].detach().requires_grad_() for f in feats]
+        per = torch.autograd.grad(msfast.upsample_concat(one, (12, 12), mode=mode), one, grad[i:i + 1])
+        for b, p in zip(batch, per, strict=True):
+            assert torch.equal(b[i:i + 1], p)
+    ref = [f.detach().requires_grad_() for f in feats]
+    expect = torch.autograd.grad(ref_upsample_concat(ref, (12, 12), mode=mode), ref, grad)
+    for b, e in zip(batch, expect, strict=True):
+        torch.testing.assert_close(b, e, **(tol(dtype) if dtype != torch.float32 else GRAD_TOL))
+
+
+def test_channels_last_concat_backward_source_order_gradcheck(gen, one_thread):
+    feats = [randn(gen, 2, c, s, s + 1, dtype=torch.float64, channels_last=True, requires_grad=True)
+             for c, s in [(16, 4), (16, 2), (16, 3)]]
+    assert torch.autograd.gradcheck(lambda *f: msfast.upsample_concat(list(f), (4, 5)), feats)
