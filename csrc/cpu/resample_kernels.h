@@ -617,9 +617,12 @@ struct RowMaker {
   void fill_ring(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy) {
     const View& v = tp.v;
     const int64_t K = tp.th.K, y0 = tp.th.start[oy];
+    // (A table of an empty source starts at row -1: the fresh ring's tags of -1 make those
+    // rows its zeros.)
+    make_ring(tp);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t y = y0 + k;
-      if (has_row(tp, y)) continue;
+      if (tag[y & (tp.ring - 1)] == y) continue;
       // A channel slice (the gradient of a channels_last concat): fetch the next row's slice
       // into L2 while this one is read, which the per-pixel prefetch of axpy cannot start early.
       if (v.px != v.cp && y + 1 < v.H) {
@@ -632,17 +635,19 @@ struct RowMaker {
     }
   }
 
-  bool has_row(const TermPlan<acc_t>& tp, int64_t y) const {
-    return static_cast<int64_t>(tag.size()) == tp.ring && tag[y & (tp.ring - 1)] == y;
-  }
-
-  // Resamples source row y (`row`: packed acc_t) horizontally into its ring slot.
-  void put_row(const TermPlan<acc_t>& tp, int64_t y, const acc_t* row) {
-    const int64_t n = tp.tw.out * tp.v.cp, slot = y & (tp.ring - 1);
+  // The ring of this term: tp.ring rows of zeros, tagged -1, unless it has one already.
+  void make_ring(const TermPlan<acc_t>& tp) {
+    const int64_t n = tp.tw.out * tp.v.cp;
     if (static_cast<int64_t>(tag.size()) != tp.ring || static_cast<int64_t>(ring.size()) != tp.ring * n) {
       ring.assign(tp.ring * n, acc_t(0));
       tag.assign(tp.ring, -1);
     }
+  }
+
+  // Resamples source row y (`row`: packed acc_t) horizontally into its ring slot.
+  void put_row(const TermPlan<acc_t>& tp, int64_t y, const acc_t* row) {
+    make_ring(tp);
+    const int64_t n = tp.tw.out * tp.v.cp, slot = y & (tp.ring - 1);
     horizontal(tp, row, false, ring.data() + slot * n, packed_row(tp.tw.out, tp.v.cp));
     tag[slot] = y;
   }
@@ -840,12 +845,12 @@ void run_typed(const std::vector<Job>& jobs) {
   // every output row whose source rows are all in. Planes are the tasks, so only where there
   // are enough of them for the threads.
   bool source_major = plans.size() > 1 && plans[0].dst.planes >= 2 * at::get_num_threads();
-  for (const auto& p : plans) {
-    const View& v = p.terms[0].v;
-    const View& v0 = plans[0].terms[0].v;
-    source_major = source_major && p.terms.size() == 1 && (p.copy || p.terms[0].h_first) && v.cl && v.px > v.cp &&
-                   v.planes == v0.planes && v.H == v0.H && v.W == v0.W && v.row == v0.row && v.px == v0.px &&
-                   v.s_outer == v0.s_outer;
+  for (const auto& p : plans) source_major = source_major && p.terms.size() == 1;
+  for (size_t j = 0; source_major && j < plans.size(); ++j) {
+    const JobPlan<acc_t>& p = plans[j];
+    const View &v = p.terms[0].v, &v0 = plans[0].terms[0].v;
+    source_major = (p.copy || p.terms[0].h_first) && v.cl && v.px > v.cp && v.planes == v0.planes && v.H == v0.H &&
+                   v.W == v0.W && v.row == v0.row && v.px == v0.px && v.s_outer == v0.s_outer;
   }
   if (source_major) {
     const int64_t J = static_cast<int64_t>(plans.size()), Hs = plans[0].terms[0].v.H, Ws = plans[0].terms[0].v.W;
@@ -909,7 +914,8 @@ void run_typed(const std::vector<Job>& jobs) {
   // takes whole output rows, fills every job's rings, then writes each pixel's slices in turn.
   bool pixel_major = plans.size() > 1;
   for (const auto& p : plans) {
-    pixel_major = pixel_major && p.dst.cl && p.dst.px > p.dst.cp && p.dst.planes == plans[0].dst.planes &&
+    pixel_major = pixel_major && !p.terms.empty() && p.dst.cl && p.dst.px > p.dst.cp &&
+                  p.dst.planes == plans[0].dst.planes &&
                   p.dst.H == plans[0].dst.H && p.dst.W == plans[0].dst.W;
     for (const auto& tp : p.terms) pixel_major = pixel_major && (tp.h_first || tp.h_unit);
   }
