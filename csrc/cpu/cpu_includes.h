@@ -8,6 +8,7 @@
 #include <atomic>
 #include <numeric>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 

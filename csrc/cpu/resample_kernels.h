@@ -869,6 +869,15 @@ void run_typed(const std::vector<Job>& jobs) {
       std::vector<int64_t> next(J);  // each job's first output row not written yet
       std::vector<std::vector<acc_t>> rows(J);
       for (int64_t j = 0; j < J; ++j) rows[j].resize(Ws * plans[j].terms[0].v.cp);
+      // Writes job j's output rows whose source rows all come up to row y.
+      auto write_rows = [&](int64_t j, int64_t plane, int64_t y) {
+        const JobPlan<acc_t>& p = plans[j];
+        const Table<acc_t>& th = p.terms[0].th;
+        for (; next[j] < p.dst.H && th.start[next[j]] + th.K - 1 <= y; ++next[j]) {
+          fill_rings(p, next[j], &mk[j], &src[j]);  // no-op but for rows past the last source row
+          job_pixels(p, plane, next[j], 0, p.dst.W, &mk[j], &src[j], out[j] + next[j] * p.dst.row, acc.data());
+        }
+      };
       for (int64_t plane = begin; plane < end; ++plane) {
         for (int64_t j = 0; j < J; ++j) {
           out[j] = start_plane(plans[j], plane, &mk[j], &src[j]);
@@ -895,17 +904,10 @@ void run_typed(const std::vector<Job>& jobs) {
               continue;
             }
             mk[j].put_row(p.terms[0], y, rows[j].data());
-            const Table<acc_t>& th = p.terms[0].th;
-            for (; next[j] < p.dst.H && th.start[next[j]] + th.K - 1 <= y; ++next[j])
-              job_pixels(p, plane, next[j], 0, p.dst.W, &mk[j], &src[j], out[j] + next[j] * p.dst.row, acc.data());
+            write_rows(j, plane, y);
           }
         }
-        for (int64_t j = 0; j < J; ++j)  // rows reading past the last source row, if a table has any
-          for (; next[j] < plans[j].dst.H; ++next[j]) {
-            fill_rings(plans[j], next[j], &mk[j], &src[j]);
-            job_pixels(plans[j], plane, next[j], 0, plans[j].dst.W, &mk[j], &src[j],
-                       out[j] + next[j] * plans[j].dst.row, acc.data());
-          }
+        for (int64_t j = 0; j < J; ++j) write_rows(j, plane, std::numeric_limits<int64_t>::max());
       }
       fence();
     });
