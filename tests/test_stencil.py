@@ -7,8 +7,10 @@ gather's weights in the gather's order, so its results must equal those of the g
 (``msfast._C._set_cpu_runner("no-stencil")``) up to the last bit or two: the compiler fuses
 multiply-adds differently in the two loops (the gather's generic tap loop has some unfused ones).
 Both must match the reference. Under AVX2, float32 upscale rows take the window instead of the
-stencil (one load of 8 inputs per 8 outputs, lane permutes for the taps); ``_stencil_terms``
-counts the terms that took either.
+stencil (one load of 8 inputs per 8 outputs, lane permutes for the taps), and float32 rows of 8
+taps or more that have no stencil take dot products (dot_row: 8 taps a step, summed pairwise,
+so they agree with the gather only to rounding); ``_stencil_terms`` counts the terms that took
+any of them.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ DOWN = [("bilinear", True), ("bilinear", False), ("bicubic", True), ("area", Non
 # Terms of a [1, 0.5, 0.25] pyramid's forward and backward that take the stencil. Antialiased
 # bilinear: both levels and both adjoints. Plain bilinear and area: the adjoints are one-tap
 # tables (each input feeds one output), which need no gather. Antialiased bicubic: the 16-tap
-# 4x downscale has no compiled stencil.
+# 4x downscale has no compiled stencil; under AVX2 its float32 rows take dot products instead.
 PLANNED = {"bilinear-aaTrue": 4, "bilinear-aaFalse": 2, "bicubic-aaTrue": 3, "area-aaNone": 2}
+AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] == "avx2"
 UP = [("bilinear", False), ("bicubic", False)]
 # Width 88 = 8 * 11: every factor divides it, and the interior is not a multiple of a vector.
 SHAPE = (2, 3, 12, 88)
@@ -51,11 +54,16 @@ def _both(fn):
     return fast, slow, planned
 
 
-def _assert_same(a, b):
-    """Equal up to rounding: a few units in the last place."""
+def _assert_same(a, b, ulps=4):
+    """Equal up to rounding: a few units in the last place (the stencil and the window), more
+    where dot products sum up to 18 taps in another order than the gather (a sum of terms of
+    mixed signs keeps the absolute rounding error of its largest terms)."""
     for u, v in zip(a, b, strict=True):
         eps = torch.finfo(u.dtype).eps
-        torch.testing.assert_close(u, v, rtol=4 * eps, atol=4 * eps)
+        torch.testing.assert_close(u, v, rtol=ulps * eps, atol=ulps * eps)
+
+
+DOT_ULPS = 64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -73,8 +81,9 @@ def test_pyramid_downscale_forward_and_backward(combo, dtype, gen):
         return [o.detach() for o in outs] + [xx.grad]
 
     fast, slow, planned = _both(run)
-    assert planned == PLANNED[f"{combo[0]}-aa{combo[1]}"]
-    _assert_same(fast, slow)
+    dot = AVX2 and dtype == torch.float32 and combo == ("bicubic", True)
+    assert planned == PLANNED[f"{combo[0]}-aa{combo[1]}"] + dot
+    _assert_same(fast, slow, DOT_ULPS if dot else 4)
     xr = x.clone().requires_grad_(True)
     ref = ref_pyramid(xr, scales, **kw)
     torch.autograd.backward(ref, grads)
@@ -98,7 +107,7 @@ def test_upsample_concat_upscale_forward_and_backward(combo, gen):
 
     fast, slow, planned = _both(run)
     assert planned >= 3  # the 2x, 4x and 8x features' forward rows
-    _assert_same(fast, slow)
+    _assert_same(fast, slow, DOT_ULPS)  # the 8x adjoint's 16 taps
     fr = [f.clone().requires_grad_(True) for f in feats]
     ref = ref_upsample_concat(fr, size, mode=mode)
     ref.backward(g)
@@ -187,3 +196,53 @@ def test_upscale_rows_added_into_a_sum(gen):
     ref = ref_pyramid(xr, sizes=sizes, mode="bilinear")
     torch.autograd.backward(ref, grads)
     torch.testing.assert_close(fast[-1], xr.grad, **GRAD_TOL)
+
+
+# (input, output) widths of rows of 8 taps or more: the adjoints of 8x and 4x upscales (16 and 8
+# taps; 7 and 5 outputs, fewer than a vector), a 9x downscale with antialiasing (18 taps), and
+# rows whose last windows would run past the row's end (moved left, weights shifted).
+DOT_ROWS = [(56, 7), (40, 5), (88, 11), (63, 7), (19, 2)]
+
+
+@pytest.mark.parametrize("widths", DOT_ROWS, ids=lambda w: f"{w[0]}to{w[1]}")
+def test_dot_rows(widths, gen):
+    """Rows of many taps through dot products (AVX2, float32), against the gather and the
+    reference: an antialiased downscale's forward, and the backward of a bilinear upscale (the
+    adjoint, which also adds into a sum of two levels' gradients)."""
+    w_in, w_out = widths
+    x = randn(gen, 2, 3, 6, w_in)
+    sizes = [(6, w_out), (3, w_out)]
+    grads = [randn(gen, 2, 3, h, w) for h, w in sizes]
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        outs = msfast.pyramid(xx, sizes=sizes, mode="bilinear", antialias=True)
+        torch.autograd.backward(outs, grads)
+        return [o.detach() for o in outs] + [xx.grad]
+
+    fast, slow, planned = _both(run)
+    if AVX2:
+        assert planned >= 2
+    _assert_same(fast, slow, DOT_ULPS)
+    xr = x.clone().requires_grad_(True)
+    ref = ref_pyramid(xr, sizes=sizes, mode="bilinear", antialias=True)
+    torch.autograd.backward(ref, grads)
+    for o, r in zip(fast[:-1], ref, strict=True):
+        torch.testing.assert_close(o, r, **tol(torch.float32))
+    torch.testing.assert_close(fast[-1], xr.grad, **GRAD_TOL)
+
+    # the adjoint of an upscale from w_out to w_in: rows of w_in gradients summed into w_out
+    f = randn(gen, 2, 3, 4, w_out)
+    g = randn(gen, 2, 3, 4, w_in)
+
+    def run_up():
+        ff = f.clone().requires_grad_(True)
+        out = msfast.upsample_concat([ff], (4, w_in), mode="bilinear")
+        out.backward(g)
+        return [ff.grad]
+
+    fast, slow, _ = _both(run_up)
+    _assert_same(fast, slow, DOT_ULPS)
+    fr = f.clone().requires_grad_(True)
+    ref_upsample_concat([fr], (4, w_in), mode="bilinear").backward(g)
+    torch.testing.assert_close(fast[0], fr.grad, **GRAD_TOL)

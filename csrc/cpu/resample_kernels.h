@@ -103,6 +103,12 @@ struct TermPlan {
   // (upscaling; see window_row): per group of 8 outputs the first of those inputs, and each
   // output's first tap among them. Empty where the table does not fit.
   std::vector<int32_t> win_base, win_idx;
+  // AVX2 float NCHW rows of 8 taps or more (the adjoints of 4x and 8x upscales, large
+  // downscales; see dot_row): per output the first of the dot_k inputs it reads, and its
+  // weights placed among them (zeros elsewhere). Empty where the table does not fit.
+  int64_t dot_k = 0;
+  std::vector<int32_t> dot_base;
+  std::vector<acc_t> dot_w;
 };
 
 // Plans window_row for a table, when every group of 8 outputs fits in a window of 8 inputs.
@@ -124,6 +130,23 @@ void plan_window(TermPlan<acc_t>& tp) {
   }
   tp.win_base = std::move(base);
   tp.win_idx = std::move(idx);
+}
+
+// Plans dot_row for a table of 8 or more taps: the taps rounded up to a multiple of 8, each
+// output's window moved left where it would run past the row's end.
+template <typename acc_t>
+void plan_dot(TermPlan<acc_t>& tp) {
+  const Table<acc_t>& t = tp.tw;
+  const int64_t Kp = (t.K + 7) / 8 * 8;
+  if (t.K < 8 || t.in < Kp) return;
+  tp.dot_k = Kp;
+  tp.dot_base.resize(t.out);
+  tp.dot_w.assign(t.out * Kp, acc_t(0));
+  for (int64_t o = 0; o < t.out; ++o) {
+    const int64_t b = std::min(t.start[o], t.in - Kp);
+    tp.dot_base[o] = static_cast<int32_t>(b);
+    for (int64_t k = 0; k < t.K; ++k) tp.dot_w[o * Kp + t.start[o] - b + k] = t.w[o * t.K + k];
+  }
 }
 
 template <typename acc_t>
@@ -338,21 +361,91 @@ MSFAST_INLINE void axpy2(const acc_t* s0, const acc_t* s1, const Row& rs, acc_t 
   });
 }
 
-// out (+)= sum_k wh[k] * src_row(y0 + k): the vertical pass of output row oy, one tap per
-// pass over the row. (Fusing four taps per pass was tried: no faster from cache, and twice
-// as slow when the rows come from memory.)
+#if MSFAST_CPU_AVX2
+// 8 source values widened to float, exactly as to_acc widens them.
+template <typename src_t>
+MSFAST_INLINE __m256 load8(const src_t* p) {
+  if constexpr (std::is_same_v<src_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<src_t, at::BFloat16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (std::is_same_v<src_t, at::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    static_assert(std::is_same_v<src_t, uint8_t>, "no vector load for this type");
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+#endif
+
+// o[c] (+)= sum_k w[k] * s[k * stride + c] for c < len: all K taps of a value summed in a
+// register, then one store. Tap by tap, each tap was a pass that loaded and stored the whole
+// accumulator row (and widened a bfloat16 source again), and GCC's loop spent most of a
+// 56-value row in its prologue and tails: fpn_concat's NCHW bfloat16 backward, whose 8x
+// adjoint sums 16 rows per output row, was slower than float32's. The scalar tail does the
+// vector body's operations, so a value does not depend on where a run starts.
+template <bool kAdd, typename src_t, typename acc_t>
+MSFAST_INLINE void taps_run(const src_t* s, int64_t stride, const acc_t* w, int64_t K, acc_t* o, int64_t len) {
+  int64_t c = 0;
+#if MSFAST_CPU_AVX2
+  constexpr bool kVec = std::is_same_v<acc_t, float>;
+  if constexpr (kVec) {
+    // N runs of 8 values at a time: each sum is a chain of K dependent multiply-adds, and one
+    // chain alone waits on the latency of each (16 taps: 64 cycles per 8 values).
+    auto group = [&](auto n) __attribute__((always_inline)) {
+      constexpr int N = decltype(n)::value;
+      __m256 a[N];
+      for (int i = 0; i < N; ++i) a[i] = _mm256_mul_ps(_mm256_set1_ps(w[0]), load8(s + c + 8 * i));
+      for (int64_t k = 1; k < K; ++k) {
+        const __m256 wk = _mm256_set1_ps(w[k]);
+        for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(wk, load8(s + k * stride + c + 8 * i), a[i]);
+      }
+      for (int i = 0; i < N; ++i) {
+        if (kAdd) a[i] = _mm256_add_ps(_mm256_loadu_ps(o + c + 8 * i), a[i]);
+        _mm256_storeu_ps(o + c + 8 * i, a[i]);
+      }
+      c += 8 * N;
+    };
+    while (c + 32 <= len) group(std::integral_constant<int, 4>{});
+    switch ((len - c) / 8) {
+      case 3: group(std::integral_constant<int, 3>{}); break;
+      case 2: group(std::integral_constant<int, 2>{}); break;
+      case 1: group(std::integral_constant<int, 1>{}); break;
+      default: break;
+    }
+  }
+#else
+  constexpr bool kVec = false;
+#endif
+  for (; c < len; ++c) {
+    acc_t a = w[0] * to_acc<acc_t>(s[c]);
+    for (int64_t k = 1; k < K; ++k) {
+      const acc_t x = to_acc<acc_t>(s[k * stride + c]);
+      a = kVec ? std::fma(w[k], x, a) : a + w[k] * x;
+    }
+    o[c] = kAdd ? o[c] + a : a;
+  }
+}
+
+// out (+)= sum_k wh[k] * src_row(y0 + k): the vertical pass of output row oy.
 template <typename src_t, typename acc_t>
 void vertical(const src_t* plane, const View& v, const Table<acc_t>& th, int64_t oy, bool add, acc_t* out,
               const Row& ro) {
   const Row rs = row_of(v);
-  const int64_t y0 = th.start[oy];
-  const acc_t* w = th.w.data() + oy * th.K;
-  if (add) {
-    axpy<true>(plane + y0 * v.row, rs, w[0], out, ro);
-  } else {
-    axpy<false>(plane + y0 * v.row, rs, w[0], out, ro);
-  }
-  for (int64_t k = 1; k < th.K; ++k) axpy<true>(plane + (y0 + k) * v.row, rs, w[k], out, ro);
+  const int64_t K = th.K;
+  const src_t* s = plane + th.start[oy] * v.row;
+  const acc_t* w = th.w.data() + oy * K;
+  constexpr int64_t kAhead = 4, kLine = 64 / sizeof(src_t);
+  // A channel slice of a wider channels_last tensor: prefetch each tap's run kAhead pixels
+  // on (see axpy).
+  const int64_t ahead_end = (rs.W - kAhead) * rs.px;
+  for_runs(rs, ro, [&](int64_t so, int64_t dof, int64_t len) __attribute__((always_inline)) {
+    if (!rs.packed() && so < ahead_end)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < len; c += kLine) __builtin_prefetch(s + k * v.row + so + kAhead * rs.px + c);
+    add ? taps_run<true>(s + so, v.row, w, K, out + dof, len) : taps_run<false>(s + so, v.row, w, K, out + dof, len);
+  });
 }
 
 // out[ox] (+)= sum_k ww[k] * tmp[x0 + k] per channel: the horizontal gather. tmp is a packed
@@ -434,6 +527,40 @@ void window_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float*
     _mm256_storeu_ps(out + 8 * g, s);
   }
 }
+
+// An NCHW row of 8 or more taps (plan_dot) as dot products: per output, its window of dot_k
+// inputs times its weights, 8 at a time, and per 8 outputs the 8 vector sums reduced into one
+// vector by pairwise additions. The gather (one scalar multiply-add per tap; 16 taps for the
+// 8x adjoint) took as long as the vertical pass of fpn_concat's NCHW backward. Sums in
+// another order than the gather's: they agree to rounding.
+template <bool kAdd>
+void dot_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float* __restrict__ out) {
+  const int64_t n = tp.tw.out, Kp = tp.dot_k;
+  for (int64_t o = 0; o < n; o += 8) {
+    const int64_t m = std::min<int64_t>(8, n - o);
+    __m256 a[8];
+    for (int64_t i = 0; i < 8; ++i) {
+      a[i] = _mm256_setzero_ps();
+      if (i >= m) continue;
+      const float* x = tmp + tp.dot_base[o + i];
+      const float* w = tp.dot_w.data() + (o + i) * Kp;
+      for (int64_t k = 0; k < Kp; k += 8) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a[i]);
+    }
+    // hadd pairs lanes within each 128-bit half: two rounds leave output i's halves in lane
+    // i % 4 of the low and high halves of u[i / 4].
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    if (m == 8) {
+      if (kAdd) r = _mm256_add_ps(_mm256_loadu_ps(out + o), r);
+      _mm256_storeu_ps(out + o, r);
+    } else {
+      alignas(32) float v[8];
+      _mm256_store_ps(v, r);
+      for (int64_t i = 0; i < m; ++i) out[o + i] = kAdd ? out[o + i] + v[i] : v[i];
+    }
+  }
+}
 #endif
 
 // The repeating interior of an NCHW row (see Stencil), P outputs per step of S inputs.
@@ -505,6 +632,7 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
     int64_t lo = n, hi = n;  // outputs the window or the stencil computed
 #if MSFAST_CPU_AVX2
     if constexpr (std::is_same_v<acc_t, float>) {
+      if (tp.dot_k > 0) return add ? dot_row<true>(tmp, tp, out) : dot_row<false>(tmp, tp, out);
       if (!tp.win_base.empty()) {
         if (tp.tw.K == 2) {  // bilinear: the taps unrolled
           add ? window_row<true, 2>(tmp, tp, out) : window_row<false, 2>(tmp, tp, out);
@@ -764,14 +892,19 @@ void run_typed(const std::vector<Job>& jobs) {
         tp.wk.resize(n * K);
         for (int64_t ox = 0; ox < n; ++ox)
           for (int64_t k = 0; k < K; ++k) tp.wk[k * n + ox] = tp.tw.w[ox * K + k];
-        // The window where it fits, else the stencil (never both: the window covers the row).
+        // The window where it fits, else the stencil, else dot products for many taps (one of
+        // them: the window and dot products cover the row).
         if (cpu_stencil_enabled()) {
 #if MSFAST_CPU_AVX2
           if constexpr (std::is_same_v<acc_t, float>) plan_window(tp);
 #endif
           if (tp.win_base.empty()) tp.sten = make_stencil(tp.tw);
+#if MSFAST_CPU_AVX2
+          if constexpr (std::is_same_v<acc_t, float>)
+            if (tp.win_base.empty() && tp.sten.P == 0) plan_dot(tp);
+#endif
         }
-        if (tp.sten.P > 0 || !tp.win_base.empty())
+        if (tp.sten.P > 0 || !tp.win_base.empty() || tp.dot_k > 0)
           stencil_terms_planned().fetch_add(1, std::memory_order_relaxed);
       }
       // Fewer source rows than output rows: gather each source row once (see the top).
