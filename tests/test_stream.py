@@ -3,8 +3,8 @@ JobPlan::stream and run_typed).
 
 A CPU call that moves more than ``msfast._C._set_stream_bytes`` bytes (32 MiB by default, inputs
 and output) writes an output with non-temporal stores when every byte of it can take one: jobs
-of two-tap upscales or copies, every run aligned to one store, not 16-bit NCHW rows, and no job
-that cannot stream writing into the same tensor. Here the threshold
+of two-tap upscales or copies, every run aligned to one store, 16-bit NCHW rows only when copied
+(as whole runs of rows), and no job that cannot stream writing into the same tensor. Here the threshold
 is lowered to 0 so small inputs take that path; ``_streamed_calls`` says whether they did. The
 stores hold the same values as plain ones, so streamed results must equal the plain results bit
 for bit, and the reference.
@@ -92,17 +92,34 @@ def test_unstreamable_calls_use_plain_stores(gen, case):
                                **tol(torch.float32, upscale=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pyramid_streams_its_copied_level_only(gen, channels_last):
-    """Each level is its own tensor: the scale-1 level (a copy) streams, the downscaled ones keep
-    plain stores, and all match the plain results and the reference."""
-    x = randn(gen, 2, 3, 32, 40, channels_last=channels_last)
+def test_pyramid_streams_its_copied_level_only(gen, channels_last, dtype):
+    """Each level is its own tensor: the scale-1 level (a copy; in 16-bit NCHW one run of rows
+    per task) streams, the downscaled ones keep plain stores, and all match the plain results
+    and the reference."""
+    x = randn(gen, 2, 3, 32, 40, dtype=dtype, channels_last=channels_last)
     kw = dict(mode="bilinear", antialias=True)
     fast, plain, streamed = _streamed(lambda: msfast.pyramid(x, [1.0, 0.5, 0.25], **kw))
     assert streamed == AVX2
     for a, b, r in zip(fast, plain, ref_pyramid(x, [1.0, 0.5, 0.25], **kw), strict=True):
         assert torch.equal(a, b)
-        torch.testing.assert_close(a, r, **tol(torch.float32))
+        torch.testing.assert_close(a, r, **tol(dtype))
+
+
+def test_bfloat16_nchw_copy_streams_alone(gen):
+    """A 16-bit NCHW feature already at the concat's size is copied with non-temporal stores,
+    unless an upscaled feature's blended rows (plain stores) share the output with it."""
+    same = [randn(gen, 2, 8, 16, 16, dtype=torch.bfloat16), randn(gen, 2, 4, 16, 16, dtype=torch.bfloat16)]
+    fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(same, (16, 16)))
+    assert streamed == AVX2
+    assert torch.equal(fast, plain)
+    assert torch.equal(fast, torch.cat(same, dim=1))
+    mixed = [same[0], randn(gen, 2, 4, 8, 8, dtype=torch.bfloat16)]
+    fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(mixed, (16, 16)))
+    assert not streamed
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, ref_upsample_concat(mixed, (16, 16)), **tol(torch.bfloat16, upscale=True))
 
 
 def test_concat_with_one_unaligned_slice_does_not_stream(gen):

@@ -173,9 +173,9 @@ struct JobPlan {
   //   plain stores too (an unaligned row start, an affine job's slice next to it) is read in
   //   and written back again and again (a bfloat16 copy of 112-byte rows went from 0.45 to
   //   7 ms).
-  // - Not for 16-bit NCHW rows: their blends are bound by the rounding, not by memory, and
+  // - Not for 16-bit NCHW blends: they are bound by the rounding, not by memory, and
   //   fpn_concat's bfloat16 NCHW forward was 10-13% slower this way (channels_last: 20-28%
-  //   faster).
+  //   faster); 16-bit NCHW copies stream as whole runs of rows (see plan_streams).
   // - Only for calls moving more than stream_bytes() (32 MiB, this machine's last-level
   //   cache) in all, inputs read and output written: below that, plain stores leave the
   //   output in cache for whatever reads it next. A [1, 0.5, 0.25] pyramid of 32 RGB 224x224
@@ -192,6 +192,10 @@ inline bool runs_aligned(const View& d, int64_t elem, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(d.data) % bytes == 0 && ok(packed ? d.W * d.cp : d.cp) && ok(d.row) &&
          (packed || ok(d.px)) && ok(d.s_outer) && ok(d.s_inner);
 }
+
+// Whether the rows of each plane follow each other with no gap (NCHW, or channels_last with
+// every channel): then a run of rows is one contiguous range of bytes.
+inline bool rows_packed(const View& v) { return v.px == v.cp && v.row == v.W * v.cp; }
 
 template <typename acc_t>
 bool is_unit(const Table<acc_t>& t) {
@@ -796,10 +800,14 @@ struct RowMaker {
                  const View& d, bool stream) {
     const Row ro = row_of(d);
     const int64_t* start = tp.th.start.data();
+    const Row rr = packed_row(ro.W, tp.v.cp);
+    const acc_t* w = tp.th.w.data();
     while (oy < oy_end) {
       fill_ring(tp, plane, oy);
-      for (const int64_t y0 = start[oy]; oy < oy_end && start[oy] == y0; ++oy)
-        blend2(tp, oy, 0, out + oy * d.row, ro, stream);
+      const int64_t y0 = start[oy];
+      const acc_t *a = ring_row(tp, y0, 0), *b = ring_row(tp, y0 + 1, 0);
+      for (; oy < oy_end && start[oy] == y0; ++oy)
+        axpy2<false>(a, b, rr, w[2 * oy], w[2 * oy + 1], out + oy * d.row, ro, stream);
     }
   }
 
@@ -850,9 +858,14 @@ void plan_streams(std::vector<JobPlan<acc_t>>& plans, int64_t total_values) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(d.data);
     span.emplace_back(a, a + last * sizeof(dst_t) - 1);
   }
+  // 16-bit NCHW rows are short and do not start on cache lines: only copies stream, as whole
+  // runs of rows (the row order's copy), which needs the rows of a plane contiguous. (Blends
+  // into 112-byte rows were slower with non-temporal stores, written straight or through a
+  // staging buffer in L1: their rounding, not memory, bounds them.)
   auto can = [](const JobPlan<acc_t>& p) {
-    return (p.rows2 || p.copy) && (sizeof(dst_t) >= 4 || p.dst.cl) &&
-           runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
+    const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl ||
+                         (p.copy && rows_packed(p.dst) && rows_packed(p.terms[0].v));
+    return (p.rows2 || p.copy) && rows_ok && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
   };
   bool any = false;
   for (size_t j = 0; j < plans.size(); ++j) {
@@ -1122,6 +1135,11 @@ void run_typed(const std::vector<Job>& jobs) {
       const int64_t rows_end = std::min<int64_t>(p.dst.H, oy + (end - item));
       if (p.rows2) {
         makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst, p.stream);
+        item += rows_end - oy;
+        oy = rows_end;
+      } else if (p.copy && rows_packed(p.dst) && rows_packed(p.terms[0].v)) {  // the rows in one go
+        const View& v = p.terms[0].v;
+        copy_run(out + oy * p.dst.row, src[0] + oy * v.row, (rows_end - oy) * v.row * sizeof(dst_t), p.stream);
         item += rows_end - oy;
         oy = rows_end;
       }
