@@ -174,3 +174,50 @@ def test_inputs_not_modified(device, gen):
     before = [f.clone() for f in feats]
     msfast.upsample_concat(feats, (9, 9), mode="bicubic")
     assert all(torch.equal(a, b) for a, b in zip(feats, before))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("specs", [[(16, 32, 32), (16, 16, 16), (16, 8, 8), (8, 4, 4)], [(8, 4, 4)], [(3, 5, 5)],
+                                   [(16, 7, 7)]], ids=["fpn", "8x", "rgb", "odd"])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_bfloat16_rows_are_the_float32_rows_rounded(specs, channels_last, nonfinite, gen):
+    """The CPU kernels compute bfloat16 rows in float32 and round once: a bfloat16 concat is,
+    bit for bit, the float32 concat of the same (widened) features rounded to bfloat16, also
+    where the features hold NaN, infinities and values near bfloat16's largest (the blends
+    skip the rounding's NaN test on chunks they have checked to be finite). Only the bits of
+    NaNs may differ (msfast writes one canonical NaN)."""
+    feats = _features(gen, torch.bfloat16, "cpu", "nchw", specs=specs)
+    if nonfinite:
+        for f in feats:
+            flat = f.view(-1)
+            flat[::37], flat[5::41], flat[9::43], flat[11::29] = float("nan"), float("inf"), -float("inf"), 3e38
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    out = msfast.upsample_concat(feats, (32, 32))
+    want = msfast.upsample_concat([f.float() for f in feats], (32, 32)).to(torch.bfloat16)
+    nan = out.isnan()
+    assert torch.equal(nan, want.isnan())
+    assert nonfinite == bool(nan.any())
+    assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_rounding_of_nan_payloads(channels_last, gen):
+    """float32 NaNs whose payload fills the low 16 bits (0x7FFFFFFF, 0xFFFF8001) overflow the
+    rounding's bias into the sign bit unless it tests for NaN: upscaled into bfloat16 (a
+    pyramid's upscale levels, out_dtype=bfloat16), they must stay NaN, and every other value
+    must be the float32 result rounded."""
+    x = randn(gen, 2, 16, 7, 7)
+    bits = x.view(torch.int32).view(-1)
+    bits[::13] = 0x7FFFFFFF
+    bits[6::17] = -0x7FFF  # 0xFFFF8001
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kw = dict(mode="bilinear")
+    outs = msfast.pyramid(x, [2.0, 8.0], out_dtype=torch.bfloat16, **kw)
+    wants = [o.to(torch.bfloat16) for o in msfast.pyramid(x, [2.0, 8.0], **kw)]
+    for out, want in zip(outs, wants, strict=True):
+        nan = out.isnan()
+        assert nan.any()
+        assert torch.equal(nan, want.isnan())
+        assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])

@@ -279,10 +279,13 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
 
 #if MSFAST_CPU_AVX2
 // 8 floats rounded to bfloat16 as to_dst rounds them, in the low half of each lane.
-inline __m256i bf16_bits(__m256 v) {
+// kNan = false: the caller knows v holds no NaN, and the NaN test is left out.
+template <bool kNan = true>
+MSFAST_INLINE __m256i bf16_bits(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  if constexpr (!kNan) return r;
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
@@ -321,6 +324,54 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
     }
   }
   for (; c < len; ++c) o[c] = to_dst<out_t>(std::fma(w1, b[c], w0 * a[c]));
+}
+
+// n bfloat16 rows that blend the same two rows a and b (weights w[2 r], w[2 r + 1]; rows
+// `stride` values apart), 16 values of every row at a time: a chunk of a and b is loaded once
+// for all rows, and where it holds only finite values (checked once for all rows) no blend of
+// it is NaN, so the rounding skips its NaN test. The same values as n calls of blend2_avx2.
+// (An 8x upscale's 56-value rows: 8 rows per pair of ring rows.)
+MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len, const float* w, int64_t n,
+                                    at::BFloat16* o, int64_t stride) {
+  // x - x is 0 for a finite x, NaN for an infinity or a NaN
+  auto finite = [](__m256 x, __m256 y) {
+    const __m256 z = _mm256_add_ps(_mm256_sub_ps(x, x), _mm256_sub_ps(y, y));
+    return _mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q)) == 0;
+  };
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    const __m256 a0 = _mm256_loadu_ps(a + c), a1 = _mm256_loadu_ps(a + c + 8);
+    const __m256 b0 = _mm256_loadu_ps(b + c), b1 = _mm256_loadu_ps(b + c + 8);
+    auto rows = [&](auto nan) __attribute__((always_inline)) {
+      constexpr bool kNan = decltype(nan)::value;
+      for (int64_t r = 0; r < n; ++r) {
+        const __m256 v0 = _mm256_set1_ps(w[2 * r]), v1 = _mm256_set1_ps(w[2 * r + 1]);
+        const __m256 x = _mm256_fmadd_ps(v1, b0, _mm256_mul_ps(v0, a0));
+        const __m256 y = _mm256_fmadd_ps(v1, b1, _mm256_mul_ps(v0, a1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + r * stride + c),
+                            _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits<kNan>(x), bf16_bits<kNan>(y)), 0xD8));
+      }
+    };
+    // (a0 + a1 is finite only when both are)
+    finite(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)) ? rows(std::false_type{}) : rows(std::true_type{});
+  }
+  if (c + 8 <= len) {
+    const __m256 a0 = _mm256_loadu_ps(a + c), b0 = _mm256_loadu_ps(b + c);
+    auto rows = [&](auto nan) __attribute__((always_inline)) {
+      constexpr bool kNan = decltype(nan)::value;
+      for (int64_t r = 0; r < n; ++r) {
+        const __m256 v0 = _mm256_set1_ps(w[2 * r]), v1 = _mm256_set1_ps(w[2 * r + 1]);
+        const __m256i q = bf16_bits<kNan>(_mm256_fmadd_ps(v1, b0, _mm256_mul_ps(v0, a0)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + r * stride + c),
+                         _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+      }
+    };
+    finite(a0, b0) ? rows(std::false_type{}) : rows(std::true_type{});
+    c += 8;
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = c; i < len; ++i)
+      o[r * stride + i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[i], w[2 * r] * a[i]));
 }
 #endif
 
@@ -806,6 +857,17 @@ struct RowMaker {
       fill_ring(tp, plane, oy);
       const int64_t y0 = start[oy];
       const acc_t *a = ring_row(tp, y0, 0), *b = ring_row(tp, y0 + 1, 0);
+#if MSFAST_CPU_AVX2
+      if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+        if (!stream && ro.packed()) {
+          int64_t e = oy;
+          while (e < oy_end && start[e] == y0) ++e;
+          blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + oy * d.row, d.row);
+          oy = e;
+          continue;
+        }
+      }
+#endif
       for (; oy < oy_end && start[oy] == y0; ++oy)
         axpy2<false>(a, b, rr, w[2 * oy], w[2 * oy + 1], out + oy * d.row, ro, stream);
     }
