@@ -103,9 +103,9 @@ struct TermPlan {
   // (upscaling; see window_row): per group of 8 outputs the first of those inputs, and each
   // output's first tap among them. Empty where the table does not fit.
   std::vector<int32_t> win_base, win_idx;
-  // AVX2 float NCHW rows of 8 taps or more (the adjoints of 4x and 8x upscales, large
-  // downscales; see dot_row): per output the first of the dot_k inputs it reads, and its
-  // weights placed among them (zeros elsewhere). Empty where the table does not fit.
+  // AVX2 float NCHW rows of 8 taps or more with no stencil (the 8x upscale's adjoint, large
+  // antialiased downscales; see dot_row): per output the first of the dot_k inputs it reads,
+  // and its weights placed among them (zeros elsewhere). dot_k = 0 where not used.
   int64_t dot_k = 0;
   std::vector<int32_t> dot_base;
   std::vector<acc_t> dot_w;
@@ -586,8 +586,9 @@ void window_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float*
 // An NCHW row of 8 or more taps (plan_dot) as dot products: per output, its window of dot_k
 // inputs times its weights, 8 at a time, and per 8 outputs the 8 vector sums reduced into one
 // vector by pairwise additions. The gather (one scalar multiply-add per tap; 16 taps for the
-// 8x adjoint) took as long as the vertical pass of fpn_concat's NCHW backward. Sums in
-// another order than the gather's: they agree to rounding.
+// 8x adjoint) took as long as the vertical pass of fpn_concat's NCHW backward. Slower than a
+// stencil (the 4x adjoint's 8 taps: 4.4 against 5.6 ms), so only where there is none. Sums
+// in another order than the gather's: they agree to rounding.
 template <bool kAdd>
 void dot_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float* __restrict__ out) {
   const int64_t n = tp.tw.out, Kp = tp.dot_k;
