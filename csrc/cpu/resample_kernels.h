@@ -158,7 +158,7 @@ struct JobPlan {
   std::vector<acc_t> scale_run, shift_run;
   std::vector<acc_t> scale, shift;
   bool direct = false;  // dst is acc_t with no affine: rows are computed in place
-  bool rows2 = false;  // one two-tap h_first term, no affine: RowMaker::blend2 writes dst
+  bool rows2 = false;  // one two-tap h_first term, no affine: RowMaker::run_rows2 or blend2 writes dst
   // One identity term (a scale 1 level, a feature already at the concat's size), no affine,
   // source and destination of one type: rows are copied. (A bfloat16 row would otherwise
   // go to float and back: pyramid's channels_last bfloat16 forward was slower than float32's.)
@@ -196,6 +196,13 @@ inline bool runs_aligned(const View& d, int64_t elem, int64_t bytes) {
 // Whether the rows of each plane follow each other with no gap (NCHW, or channels_last with
 // every channel): then a run of rows is one contiguous range of bytes.
 inline bool rows_packed(const View& v) { return v.px == v.cp && v.row == v.W * v.cp; }
+
+// A copy job whose rows of a plane are contiguous in source and destination: a run of rows
+// is copied in one go (the row order), and streams even in 16-bit NCHW (plan_streams).
+template <typename acc_t>
+bool copies_row_runs(const JobPlan<acc_t>& p) {
+  return p.copy && rows_packed(p.dst) && rows_packed(p.terms[0].v);
+}
 
 template <typename acc_t>
 bool is_unit(const Table<acc_t>& t) {
@@ -289,6 +296,17 @@ MSFAST_INLINE __m256i bf16_bits(__m256 v) {
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
+// 16 floats (x, then y) or 8 (x) as bfloat16, in order.
+template <bool kNan = true>
+MSFAST_INLINE __m256i bf16x16(__m256 x, __m256 y) {
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits<kNan>(x), bf16_bits<kNan>(y)), 0xD8);
+}
+template <bool kNan = true>
+MSFAST_INLINE __m128i bf16x8(__m256 x) {
+  const __m256i r = bf16_bits<kNan>(x);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
 // o[c] = w0 * a[c] + w1 * b[c] for c < len, in 8-value steps (16 for bfloat16, packed in one
 // go) and the same operations as the scalar loop's. GCC vectorizes that loop 16 values a step
 // with a 4-wide and a scalar tail: for the 56-value rows of fpn_concat most of the row went to
@@ -307,8 +325,7 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
     for (; c + 8 <= len; c += 8) nt ? _mm256_stream_ps(o + c, value(c)) : _mm256_storeu_ps(o + c, value(c));
   } else {
     for (; c + 16 <= len; c += 16) {
-      const __m256i r =
-          _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits(value(c)), bf16_bits(value(c + 8))), 0xD8);
+      const __m256i r = bf16x16(value(c), value(c + 8));
       if (nt) {
         _mm_stream_si128(at(c), _mm256_castsi256_si128(r));
         _mm_stream_si128(at(c + 8), _mm256_extracti128_si256(r, 1));
@@ -317,8 +334,7 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
       }
     }
     if (c + 8 <= len) {
-      const __m256i r = bf16_bits(value(c));
-      const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      const __m128i h = bf16x8(value(c));
       nt ? _mm_stream_si128(at(c), h) : _mm_storeu_si128(at(c), h);
       c += 8;
     }
@@ -333,42 +349,35 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
 // (An 8x upscale's 56-value rows: 8 rows per pair of ring rows.)
 MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len, const float* w, int64_t n,
                                     at::BFloat16* o, int64_t stride) {
-  // x - x is 0 for a finite x, NaN for an infinity or a NaN
-  auto finite = [](__m256 x, __m256 y) {
-    const __m256 z = _mm256_add_ps(_mm256_sub_ps(x, x), _mm256_sub_ps(y, y));
-    return _mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q)) == 0;
-  };
   int64_t c = 0;
-  for (; c + 16 <= len; c += 16) {
-    const __m256 a0 = _mm256_loadu_ps(a + c), a1 = _mm256_loadu_ps(a + c + 8);
-    const __m256 b0 = _mm256_loadu_ps(b + c), b1 = _mm256_loadu_ps(b + c + 8);
+  // 16 values of every row (8 for the last ones)
+  auto chunk = [&](auto wide) __attribute__((always_inline)) {
+    constexpr bool k16 = decltype(wide)::value;
+    const __m256 a0 = _mm256_loadu_ps(a + c), b0 = _mm256_loadu_ps(b + c);
+    const __m256 a1 = k16 ? _mm256_loadu_ps(a + c + 8) : a0, b1 = k16 ? _mm256_loadu_ps(b + c + 8) : b0;
     auto rows = [&](auto nan) __attribute__((always_inline)) {
       constexpr bool kNan = decltype(nan)::value;
       for (int64_t r = 0; r < n; ++r) {
         const __m256 v0 = _mm256_set1_ps(w[2 * r]), v1 = _mm256_set1_ps(w[2 * r + 1]);
         const __m256 x = _mm256_fmadd_ps(v1, b0, _mm256_mul_ps(v0, a0));
-        const __m256 y = _mm256_fmadd_ps(v1, b1, _mm256_mul_ps(v0, a1));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + r * stride + c),
-                            _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits<kNan>(x), bf16_bits<kNan>(y)), 0xD8));
+        at::BFloat16* p = o + r * stride + c;
+        if constexpr (k16) {
+          const __m256 y = _mm256_fmadd_ps(v1, b1, _mm256_mul_ps(v0, a1));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16x16<kNan>(x, y));
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8<kNan>(x));
+        }
       }
     };
-    // (a0 + a1 is finite only when both are)
-    finite(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)) ? rows(std::false_type{}) : rows(std::true_type{});
-  }
-  if (c + 8 <= len) {
-    const __m256 a0 = _mm256_loadu_ps(a + c), b0 = _mm256_loadu_ps(b + c);
-    auto rows = [&](auto nan) __attribute__((always_inline)) {
-      constexpr bool kNan = decltype(nan)::value;
-      for (int64_t r = 0; r < n; ++r) {
-        const __m256 v0 = _mm256_set1_ps(w[2 * r]), v1 = _mm256_set1_ps(w[2 * r + 1]);
-        const __m256i q = bf16_bits<kNan>(_mm256_fmadd_ps(v1, b0, _mm256_mul_ps(v0, a0)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + r * stride + c),
-                         _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
-      }
-    };
-    finite(a0, b0) ? rows(std::false_type{}) : rows(std::true_type{});
-    c += 8;
-  }
+    // x - x is 0 for a finite x, NaN for an infinity or a NaN; a0 + a1 is finite only when
+    // both are.
+    const __m256 s0 = _mm256_add_ps(a0, a1), s1 = _mm256_add_ps(b0, b1);
+    const __m256 z = _mm256_add_ps(_mm256_sub_ps(s0, s0), _mm256_sub_ps(s1, s1));
+    _mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q)) == 0 ? rows(std::false_type{}) : rows(std::true_type{});
+    c += k16 ? 16 : 8;
+  };
+  while (c + 16 <= len) chunk(std::true_type{});
+  if (c + 8 <= len) chunk(std::false_type{});
   for (int64_t r = 0; r < n; ++r)
     for (int64_t i = c; i < len; ++i)
       o[r * stride + i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[i], w[2 * r] * a[i]));
@@ -743,12 +752,6 @@ struct RowMaker {
     return tmp.data();
   }
 
-  // Output row oy into `out`, assigning or adding.
-  void run(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, bool add, acc_t* out, const Row& ro) {
-    if (tp.h_first) fill_ring(tp, plane, oy);
-    pixels(tp, plane, oy, 0, add, out, ro);
-  }
-
   // ro.W pixels of output row oy from pixel x0 (`out` points at pixel x0), assigning or
   // adding. An h_first term's ring must hold the row's source rows (fill_ring); a term
   // resampled vertically then horizontally is computed a whole row at a time only.
@@ -845,8 +848,8 @@ struct RowMaker {
 
   // Output rows oy .. oy_end - 1 of a lone two-tap h_first term, no affine (see blend2).
   // Rows that read the same two source rows (8 in a row for an 8x upscale) share one ring
-  // update: the per-row bookkeeping of run() cost as much as the row itself for
-  // fpn_concat's 56-value NCHW rows.
+  // update: a ring update per row cost as much as the row itself for fpn_concat's 56-value
+  // NCHW rows.
   template <typename dst_t>
   void run_rows2(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, int64_t oy_end, dst_t* out,
                  const View& d, bool stream) {
@@ -926,8 +929,7 @@ void plan_streams(std::vector<JobPlan<acc_t>>& plans, int64_t total_values) {
   // into 112-byte rows were slower with non-temporal stores, written straight or through a
   // staging buffer in L1: their rounding, not memory, bounds them.)
   auto can = [](const JobPlan<acc_t>& p) {
-    const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl ||
-                         (p.copy && rows_packed(p.dst) && rows_packed(p.terms[0].v));
+    const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl || copies_row_runs(p);
     return (p.rows2 || p.copy) && rows_ok && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
   };
   bool any = false;
@@ -1200,7 +1202,7 @@ void run_typed(const std::vector<Job>& jobs) {
         makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst, p.stream);
         item += rows_end - oy;
         oy = rows_end;
-      } else if (p.copy && rows_packed(p.dst) && rows_packed(p.terms[0].v)) {  // the rows in one go
+      } else if (copies_row_runs(p)) {  // the rows in one go
         const View& v = p.terms[0].v;
         copy_run(out + oy * p.dst.row, src[0] + oy * v.row, (rows_end - oy) * v.row * sizeof(dst_t), p.stream);
         item += rows_end - oy;
