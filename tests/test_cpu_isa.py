@@ -1,8 +1,10 @@
-"""The baseline CPU kernel build (MSFAST_CPU_ISA=base) against the one this machine picks.
+"""The CPU kernel builds this machine does not pick, against the one it picks.
 
-msfast compiles its CPU kernels twice (baseline and AVX2 + FMA) and picks one at run time;
-the rest of the suite runs the picked one. Here a subprocess forced to the baseline build
-computes a set of cases, and both results must match each other and the reference.
+msfast compiles its CPU kernels twice (baseline and AVX2 + FMA) and picks one at run time:
+"base", "avx2", or "avx512bf16" (the AVX2 build whose bfloat16 blends round with AVX-512
+BF16). The rest of the suite runs the picked one. Here a subprocess forced to another
+(MSFAST_CPU_ISA=base or avx2) computes a set of cases, and the results must match: to
+rounding for the baseline build, bit for bit between avx2 and avx512bf16.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import msfast
 
 SCRIPT = r"""
-import sys, torch, msfast
-assert msfast._ops._C.build_info()["cpu_isa"] == "base", msfast._ops._C.build_info()
+import os, sys, torch, msfast
+assert msfast._ops._C.build_info()["cpu_isa"] == os.environ["MSFAST_CPU_ISA"], msfast._ops._C.build_info()
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 3, 17, 23, generator=g)
 xc = x.contiguous(memory_format=torch.channels_last)
@@ -29,6 +32,10 @@ for mode in ["bilinear", "bicubic", "nearest", "nearest-exact", "area"]:
     out[f"pyr_cl_{mode}"] = msfast.pyramid(xc, [0.25, 2.0], mode=mode)
 out["pyr_u8"] = msfast.pyramid(u8, [1, 0.75, 0.5], mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])
 out["pyr_bf16"] = msfast.pyramid(x.bfloat16(), [0.5, 1.3])
+out["cat_bf16"] = msfast.upsample_concat([f.bfloat16() for f in feats], (14, 14))
+out["cat_bf16_tiny"] = msfast.upsample_concat([(f * 2e-38).bfloat16() for f in feats], (14, 14))
+big = [torch.randn(2, c, s, s, generator=g).bfloat16() for c, s in [(8, 7), (4, 14), (2, 3)]]
+out["cat_bf16_8x"] = msfast.upsample_concat(big, (56, 56))
 for mode in ["bilinear", "bicubic", "nearest", "nearest-exact"]:
     out[f"cat_{mode}"] = msfast.upsample_concat(feats, (14, 14), mode=mode)
     out[f"cat_cl_{mode}"] = msfast.upsample_concat([f.contiguous(memory_format=torch.channels_last) for f in feats],
@@ -43,26 +50,34 @@ torch.save(out, sys.argv[1])
 """
 
 
-def test_baseline_build_matches_picked_build(tmp_path):
-    path = tmp_path / "base.pt"
-    env = dict(os.environ, MSFAST_CPU_ISA="base")
+PICKED = msfast._ops._C.build_info()["cpu_isa"] if msfast._ops._C is not None else None
+ORDER = ["base", "avx2", "avx512bf16"]
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_other_build_matches_picked_build(tmp_path, isa):
+    if PICKED is None or ORDER.index(isa) >= ORDER.index(PICKED):
+        pytest.skip(f"this machine picks {PICKED}")
+    path = tmp_path / "other.pt"
+    env = dict(os.environ, MSFAST_CPU_ISA=isa)
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    base = torch.load(path)
+    other = torch.load(path)
     # The same script in this process (the picked build), compared case by case.
     env_here = {}
     exec(SCRIPT.replace("torch.save(out, sys.argv[1])", "").replace(
-        'assert msfast._ops._C.build_info()["cpu_isa"] == "base", msfast._ops._C.build_info()', ""), env_here)
+        'assert msfast._ops._C.build_info()["cpu_isa"] == os.environ["MSFAST_CPU_ISA"], msfast._ops._C.build_info()',
+        ""), env_here)
     here = env_here["out"]
-    assert set(here) == set(base)
-    for key in base:
-        for a, b in zip(here[key], base[key]):
+    assert set(here) == set(other)
+    for key in other:
+        for a, b in zip(here[key], other[key], strict=True):
+            if isa == "avx2" or "nearest" in key:  # same arithmetic, or one tap of weight 1: the same bits
+                assert torch.equal(a, b), key
             tol = dict(rtol=1.6e-2, atol=1e-2) if a.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a, b, **tol, msg=lambda m, k=key: f"{k}: {m}")
-            if "nearest" in key:  # one tap of weight 1: both builds must give the same bits
-                assert torch.equal(a, b), key
 
 
 def test_picked_isa_is_reported():
     info = msfast._ops._C.build_info()
-    assert info["cpu_isa"] in ("base", "avx2")
+    assert info["cpu_isa"] in ORDER

@@ -31,7 +31,7 @@ DOWN = [("bilinear", True), ("bilinear", False), ("bicubic", True), ("area", Non
 # tables (each input feeds one output), which need no gather. Antialiased bicubic: the 16-tap
 # 4x downscale has no compiled stencil; under AVX2 its float32 rows take dot products instead.
 PLANNED = {"bilinear-aaTrue": 4, "bilinear-aaFalse": 2, "bicubic-aaTrue": 3, "area-aaNone": 2}
-AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] == "avx2"
+AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] in ("avx2", "avx512bf16")
 UP = [("bilinear", False), ("bicubic", False)]
 # Width 88 = 8 * 11: every factor divides it, and the interior is not a multiple of a vector.
 SHAPE = (2, 3, 12, 88)

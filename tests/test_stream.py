@@ -27,7 +27,7 @@ from msfast import _ops
 
 pytestmark = pytest.mark.skipif(_ops._C is None, reason="msfast._C is not built")
 
-AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] == "avx2"
+AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] in ("avx2", "avx512bf16")
 
 
 def _streamed(fn):

@@ -179,14 +179,20 @@ def test_inputs_not_modified(device, gen):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("specs", [[(16, 32, 32), (16, 16, 16), (16, 8, 8), (8, 4, 4)], [(8, 4, 4)], [(3, 5, 5)],
                                    [(16, 7, 7)]], ids=["fpn", "8x", "rgb", "odd"])
-@pytest.mark.parametrize("nonfinite", [False, True])
-def test_bfloat16_rows_are_the_float32_rows_rounded(specs, channels_last, nonfinite, gen):
+@pytest.mark.parametrize("values", ["normal", "nonfinite", "subnormal"])
+def test_bfloat16_rows_are_the_float32_rows_rounded(specs, channels_last, values, gen):
     """The CPU kernels compute bfloat16 rows in float32 and round once: a bfloat16 concat is,
     bit for bit, the float32 concat of the same (widened) features rounded to bfloat16, also
     where the features hold NaN, infinities and values near bfloat16's largest (the blends
-    skip the rounding's NaN test on chunks they have checked to be finite). Only the bits of
-    NaNs may differ (msfast writes one canonical NaN)."""
+    skip the rounding's NaN test on chunks they have checked to be finite), and where blends
+    are subnormal (AVX-512 BF16's conversion flushes those to zero, so such chunks take the
+    exact path). Only the bits of NaNs may differ (msfast writes one canonical NaN)."""
     feats = _features(gen, torch.bfloat16, "cpu", "nchw", specs=specs)
+    nonfinite = values == "nonfinite"
+    if values == "subnormal":  # around float32's smallest normal (1.2e-38): some rows subnormal, some not
+        feats = [(f * 2e-38).bfloat16() for f in feats]
+        for f in feats[::2]:
+            f[:, ::2] *= 1e5
     if nonfinite:
         for f in feats:
             flat = f.view(-1)
@@ -199,6 +205,9 @@ def test_bfloat16_rows_are_the_float32_rows_rounded(specs, channels_last, nonfin
     assert torch.equal(nan, want.isnan())
     assert nonfinite == bool(nan.any())
     assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    if values == "subnormal":
+        tiny = (out != 0) & (out.abs() < torch.finfo(torch.float32).tiny)
+        assert tiny.any() and (out.abs() >= torch.finfo(torch.float32).tiny).any()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

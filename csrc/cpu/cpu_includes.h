@@ -29,6 +29,8 @@ std::atomic<int64_t>& stencil_terms_planned();  // how many terms took either: m
 std::atomic<int64_t>& stream_bytes();
 std::atomic<int64_t>& streamed_calls();
 
+const char* cpu_isa();  // csrc/cpu/resample_cpu.cpp
+
 namespace base {
 void run_jobs(const std::vector<Job>& jobs, at::ScalarType st, at::ScalarType dt);
 }

@@ -20,8 +20,14 @@ const char* cpu_isa() {
     if (forced && std::strcmp(forced, "base") == 0) return "base";
 #if defined(__x86_64__) || defined(__i386__)
     if (avx2::compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+        __builtin_cpu_supports("f16c")) {
+      if (!(forced && std::strcmp(forced, "avx2") == 0) && __builtin_cpu_supports("avx512f") &&
+          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+          __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bf16"))
+        return "avx512bf16";
       return "avx2";
+    }
 #endif
     return "base";
   }();
@@ -37,7 +43,7 @@ void run_cpu(const std::vector<Job>& jobs) {
   if (jobs.empty() || jobs[0].terms.empty()) return;
   if (cpu_runner().load() == 1) return run_gather_cpu(jobs);
   const auto [st, dt] = check_jobs(jobs, c10::DeviceType::CPU);
-  if (std::strcmp(cpu_isa(), "avx2") == 0) return avx2::run_jobs(jobs, st, dt);
+  if (std::strcmp(cpu_isa(), "base") != 0) return avx2::run_jobs(jobs, st, dt);
   base::run_jobs(jobs, st, dt);
 }
 
