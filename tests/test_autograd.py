@@ -249,15 +249,18 @@ def test_backward_is_bitwise_reproducible(layout, device, gen):
     _assert_bitwise(g1, g2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_results_do_not_depend_on_thread_count(layout, gen):
+def test_results_do_not_depend_on_thread_count(layout, dtype, gen):
     """CPU: one thread and two threads give bitwise identical forward and backward results.
 
-    The tensors are large enough (> 64K output values) that the parallel loop really splits.
+    The tensors are large enough (> 64K output values) that the parallel loop really splits
+    (an NCHW concat's rows into a dozen chunks, taken from both ends).
     """
     cl = layout == "channels_last"
-    x = randn(gen, 2, 3, 96, 128, channels_last=cl)
-    feats = [randn(gen, 2, c, h, w, channels_last=cl) for c, h, w in [(4, 80, 96), (8, 40, 48), (16, 10, 12)]]
+    x = randn(gen, 2, 3, 96, 128, dtype=dtype, channels_last=cl)
+    feats = [randn(gen, 2, c, h, w, dtype=dtype, channels_last=cl)
+             for c, h, w in [(4, 80, 96), (8, 40, 48), (16, 10, 12)]]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

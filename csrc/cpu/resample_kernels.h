@@ -365,7 +365,8 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf
       const __m512 y = _mm512_fmadd_ps(v1, b1, _mm512_mul_ps(v0, a1));
       at::BFloat16* p = o + r * stride + c;
       if (bad | _mm512_fpclass_ps_mask(x, kSubnormal) | _mm512_fpclass_ps_mask(y, kSubnormal)) {
-        for (int64_t i = 0; i < m; ++i) p[i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[c + i], w[2 * r] * a[c + i]));
+        for (int64_t i = 0; i < m; ++i)
+          p[i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[c + i], w[2 * r] * a[c + i]));
         continue;
       }
       const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y, x));
@@ -1211,55 +1212,84 @@ void run_typed(const std::vector<Job>& jobs) {
   for (const auto& p : plans) plane_major = plane_major && p.dst.planes == plans[0].dst.planes;
   std::vector<int64_t> first_row{0};  // plane-major: prefix sums of H_out over jobs
   for (const auto& p : plans) first_row.push_back(first_row.back() + p.dst.H);
-  at::parallel_for(0, items, grain_of(items), [&](int64_t begin, int64_t end) {
+  // Job by job, tasks take chunks of rows as they go, not one fixed share each as
+  // at::parallel_for hands out: rows of different jobs cost different times (fpn_concat's
+  // backward). Every other task takes its chunks from the far end: with two threads one
+  // starts on the last job while the other does the first (the 8x upscale, bound by its
+  // stores, next to the copy and the 2x rows, bound by arithmetic), as the fixed halves did,
+  // which kept the forward faster than both threads going down the jobs together. The
+  // plane-major order keeps the fixed shares: its chunks would split planes.
+  const int64_t grain = grain_of(items), chunks = plane_major ? 1 : (items + grain - 1) / grain;
+  std::atomic<uint64_t> ends{static_cast<uint64_t>(chunks) << 32};  // first and one past the last chunk left
+  auto take = [&](bool back) -> int64_t {
+    uint64_t cur = ends.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t f = cur & 0xFFFFFFFFu, e = cur >> 32;
+      if (f >= e) return -1;
+      const uint64_t next = back ? ((e - 1) << 32 | f) : (e << 32 | (f + 1));
+      if (ends.compare_exchange_weak(cur, next, std::memory_order_relaxed))
+        return static_cast<int64_t>(back ? e - 1 : f);
+    }
+  };
+  const int64_t tasks = plane_major ? items : chunks;
+  at::parallel_for(0, tasks, plane_major ? grain : 1, [&](int64_t range_begin, int64_t range_end) {
     std::vector<acc_t> acc(max_acc);
     std::vector<RowMaker<src_t, acc_t>> makers;
     std::vector<const src_t*> src;
-    // Position of row `begin`: job j, plane, row oy.
-    size_t j;
-    int64_t plane, oy;
-    if (plane_major) {
-      const int64_t R = first_row.back();
-      plane = begin / R;
-      j = std::upper_bound(first_row.begin(), first_row.end(), begin % R) - first_row.begin() - 1;
-      oy = begin % R - first_row[j];
-    } else {
-      j = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
-      plane = (begin - first_item[j]) / plans[j].dst.H;
-      oy = (begin - first_item[j]) % plans[j].dst.H;
-    }
-    for (int64_t item = begin; item < end;) {
-      // One (job, plane) segment: pointers are computed once for its rows.
-      const JobPlan<acc_t>& p = plans[j];
-      src.resize(p.terms.size());
-      if (makers.size() < p.terms.size()) makers.resize(p.terms.size());
-      dst_t* out = start_plane(p, plane, makers.data(), src.data());
-      const int64_t rows_end = std::min<int64_t>(p.dst.H, oy + (end - item));
-      if (p.rows2) {
-        makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst, p.stream);
-        item += rows_end - oy;
-        oy = rows_end;
-      } else if (copies_row_runs(p)) {  // the rows in one go
-        const View& v = p.terms[0].v;
-        copy_run(out + oy * p.dst.row, src[0] + oy * v.row, (rows_end - oy) * v.row * sizeof(dst_t), p.stream);
-        item += rows_end - oy;
-        oy = rows_end;
-      }
-      for (; oy < rows_end; ++oy, ++item) {
-        fill_rings(p, oy, makers.data(), src.data());
-        job_pixels(p, plane, oy, 0, p.dst.W, makers.data(), src.data(), out + oy * p.dst.row, acc.data());
-      }
-      // Next segment.
-      oy = 0;
+    // Output rows begin .. end - 1 of the call (items, in the row order).
+    auto run_rows = [&](int64_t begin, int64_t end) {
+      // Position of row `begin`: job j, plane, row oy.
+      size_t j;
+      int64_t plane, oy;
       if (plane_major) {
-        if (++j == plans.size()) {
-          j = 0;
-          ++plane;
-        }
-      } else if (++plane == p.dst.planes) {
-        plane = 0;
-        ++j;
+        const int64_t R = first_row.back();
+        plane = begin / R;
+        j = std::upper_bound(first_row.begin(), first_row.end(), begin % R) - first_row.begin() - 1;
+        oy = begin % R - first_row[j];
+      } else {
+        j = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
+        plane = (begin - first_item[j]) / plans[j].dst.H;
+        oy = (begin - first_item[j]) % plans[j].dst.H;
       }
+      for (int64_t item = begin; item < end;) {
+        // One (job, plane) segment: pointers are computed once for its rows.
+        const JobPlan<acc_t>& p = plans[j];
+        src.resize(p.terms.size());
+        if (makers.size() < p.terms.size()) makers.resize(p.terms.size());
+        dst_t* out = start_plane(p, plane, makers.data(), src.data());
+        const int64_t rows_end = std::min<int64_t>(p.dst.H, oy + (end - item));
+        if (p.rows2) {
+          makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst, p.stream);
+          item += rows_end - oy;
+          oy = rows_end;
+        } else if (copies_row_runs(p)) {  // the rows in one go
+          const View& v = p.terms[0].v;
+          copy_run(out + oy * p.dst.row, src[0] + oy * v.row, (rows_end - oy) * v.row * sizeof(dst_t), p.stream);
+          item += rows_end - oy;
+          oy = rows_end;
+        }
+        for (; oy < rows_end; ++oy, ++item) {
+          fill_rings(p, oy, makers.data(), src.data());
+          job_pixels(p, plane, oy, 0, p.dst.W, makers.data(), src.data(), out + oy * p.dst.row, acc.data());
+        }
+        // Next segment.
+        oy = 0;
+        if (plane_major) {
+          if (++j == plans.size()) {
+            j = 0;
+            ++plane;
+          }
+        } else if (++plane == p.dst.planes) {
+          plane = 0;
+          ++j;
+        }
+      }
+    };
+    if (plane_major) {
+      run_rows(range_begin, range_end);
+    } else {
+      const bool back = at::get_thread_num() % 2 == 1;
+      for (int64_t c; (c = take(back)) >= 0;) run_rows(c * grain, std::min(items, (c + 1) * grain));
     }
     fence();
   });
