@@ -299,6 +299,8 @@ def environment(device: str) -> dict:
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "device": device,
         "commit": _git_commit(),
+        # which CPU kernel build ran (base, avx2, avx512bf16: see MSFAST_CPU_ISA)
+        "cpu_isa": _ops._C.build_info()["cpu_isa"] if _ops._C is not None else None,
     }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)

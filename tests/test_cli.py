@@ -70,3 +70,14 @@ def test_bench_records_the_commit_it_is_told(monkeypatch):
     monkeypatch.delenv("MSFAST_COMMIT")
     head = bench._git_commit()
     assert head is None or (head != "abc1234" and len(head) >= 7)
+
+
+def test_bench_records_the_cpu_kernel_build():
+    """The JSON names the CPU kernel build that ran: the same numbers mean different code on a
+    processor with AVX-512 BF16 and one without."""
+    from msfast import _ops, bench
+
+    env = bench.environment("cpu")
+    want = _ops._C.build_info()["cpu_isa"] if _ops._C is not None else None
+    assert env["cpu_isa"] == want
+    assert want is None or want in ("base", "avx2", "avx512bf16")
