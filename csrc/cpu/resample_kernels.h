@@ -311,7 +311,8 @@ MSFAST_INLINE __m128i bf16x8(__m256 x) {
 // go) and the same operations as the scalar loop's. GCC vectorizes that loop 16 values a step
 // with a 4-wide and a scalar tail: for the 56-value rows of fpn_concat most of the row went to
 // its prologue and tails. stream: non-temporal stores, for a run aligned to 8 values (see
-// JobPlan::stream).
+// JobPlan::stream); 32 bytes at a time where the run is aligned to them (bfloat16
+// channels_last concat, two threads: 4.95-5.17 to 4.62-4.77 ms, against 16-byte stores).
 template <typename out_t>
 MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, float w0, float w1, out_t* o, bool stream) {
   const __m256 v0 = _mm256_set1_ps(w0), v1 = _mm256_set1_ps(w1);
@@ -320,13 +321,16 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
   };
   auto at = [&](int64_t c) { return reinterpret_cast<__m128i*>(o + c); };
   const bool nt = stream && reinterpret_cast<uintptr_t>(o) % (8 * sizeof(out_t)) == 0;
+  const bool nt32 = nt && reinterpret_cast<uintptr_t>(o) % 32 == 0;
   int64_t c = 0;
   if constexpr (std::is_same_v<out_t, float>) {
     for (; c + 8 <= len; c += 8) nt ? _mm256_stream_ps(o + c, value(c)) : _mm256_storeu_ps(o + c, value(c));
   } else {
     for (; c + 16 <= len; c += 16) {
       const __m256i r = bf16x16(value(c), value(c + 8));
-      if (nt) {
+      if (nt32) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(o + c), r);
+      } else if (nt) {
         _mm_stream_si128(at(c), _mm256_castsi256_si128(r));
         _mm_stream_si128(at(c + 8), _mm256_extracti128_si256(r, 1));
       } else {
