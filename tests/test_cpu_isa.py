@@ -36,6 +36,15 @@ out["cat_bf16"] = msfast.upsample_concat([f.bfloat16() for f in feats], (14, 14)
 out["cat_bf16_tiny"] = msfast.upsample_concat([(f * 2e-38).bfloat16() for f in feats], (14, 14))
 big = [torch.randn(2, c, s, s, generator=g).bfloat16() for c, s in [(8, 7), (4, 14), (2, 3)]]
 out["cat_bf16_8x"] = msfast.upsample_concat(big, (56, 56))
+out["pyr_bf16_tiny"] = msfast.pyramid((x * 2e-38).bfloat16(), [0.5, 0.3])
+for cl in (False, True):
+    u = u8.contiguous(memory_format=torch.channels_last) if cl else u8.contiguous()
+    out[f"pre_bf16_{cl}"] = msfast.pyramid(u, [1, 0.75, 0.5], mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25],
+                                           out_dtype=torch.bfloat16)
+    fb = [f.bfloat16().contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+          .requires_grad_() for f in feats]
+    msfast.upsample_concat(fb, (14, 14)).backward(torch.randn(2, 14, 14, 14, generator=g).bfloat16())
+    out[f"cat_bf16_grad_{cl}"] = [f.grad for f in fb]
 for mode in ["bilinear", "bicubic", "nearest", "nearest-exact"]:
     out[f"cat_{mode}"] = msfast.upsample_concat(feats, (14, 14), mode=mode)
     out[f"cat_cl_{mode}"] = msfast.upsample_concat([f.contiguous(memory_format=torch.channels_last) for f in feats],

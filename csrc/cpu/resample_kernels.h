@@ -346,6 +346,12 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
   for (; c < len; ++c) o[c] = to_dst<out_t>(std::fma(w1, b[c], w0 * a[c]));
 }
 
+// Whether the bfloat16 rounding uses AVX-512 BF16 (cpu_isa() "avx512bf16").
+inline bool avx512bf16() {
+  static const bool on = std::strcmp(cpu_isa(), "avx512bf16") == 0;
+  return on;
+}
+
 // blend2_rows_bf16 where the processor has AVX-512 BF16 (cpu_isa() "avx512bf16"), 32 values
 // of every row a step: vcvtne2ps2bf16 rounds 32 floats in one instruction where the AVX2
 // rounding takes about 20 for 16, and the rounding was what bounded these rows. It rounds
@@ -382,6 +388,36 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf
   }
 }
 
+// write_row's loops into bfloat16 where the processor has AVX-512 BF16: o[c] = round(a[c]),
+// round(fma(a[c], m1, b1)) (m, b null) or round(fma(a[c], m[c], b[c])), 16 values a step
+// (vcvtneps2bf16), the last step masked. As in blend2_rows_bf16_512, steps holding a
+// non-finite or subnormal value take the scalar path. The multiply-adds are fused, as GCC
+// fuses the scalar loop's a * m + b in the AVX2 build.
+__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) void write_bf16_512(
+    const float* a, int64_t len, bool affine, float m1, float b1, const float* m, const float* b, at::BFloat16* o) {
+  constexpr int kNotNormal = 0x01 | 0x08 | 0x10 | 0x20 | 0x80;  // NaN, infinities, subnormals
+  for (int64_t c = 0; c < len; c += 16) {
+    const int64_t n = std::min<int64_t>(len - c, 16);
+    const __mmask16 k = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(k, a + c);
+    if (m) {
+      v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k, m + c), _mm512_maskz_loadu_ps(k, b + c));
+    } else if (affine) {
+      v = _mm512_fmadd_ps(v, _mm512_set1_ps(m1), _mm512_set1_ps(b1));
+    }
+    if (_mm512_fpclass_ps_mask(v, kNotNormal) & k) {
+      for (int64_t i = c; i < c + n; ++i)
+        o[i] = to_dst<at::BFloat16>(m ? std::fma(a[i], m[i], b[i]) : affine ? std::fma(a[i], m1, b1) : a[i]);
+      continue;
+    }
+    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    if (n == 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), h);
+    else
+      _mm256_mask_storeu_epi16(o + c, k, h);
+  }
+}
+
 // n bfloat16 rows that blend the same two rows a and b (weights w[2 r], w[2 r + 1]; rows
 // `stride` values apart), 16 values of every row at a time: a chunk of a and b is loaded once
 // for all rows, and where it holds only finite values (checked once for all rows) no blend of
@@ -389,8 +425,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf
 // (An 8x upscale's 56-value rows: 8 rows per pair of ring rows.)
 MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len, const float* w, int64_t n,
                                     at::BFloat16* o, int64_t stride) {
-  static const bool k512 = std::strcmp(cpu_isa(), "avx512bf16") == 0;
-  if (k512) return blend2_rows_bf16_512(a, b, len, w, n, o, stride);
+  if (avx512bf16()) return blend2_rows_bf16_512(a, b, len, w, n, o, stride);
   int64_t c = 0;
   // 16 values of every row (8 for the last ones)
   auto chunk = [&](auto wide) __attribute__((always_inline)) {
@@ -931,6 +966,15 @@ void write_row(dst_t* out, const Row& ro, int64_t ch, const acc_t* acc, const Jo
   for_runs(packed_row(ro.W, ro.cp), ro, [&](int64_t ao, int64_t oo, int64_t len) {
     dst_t* __restrict__ o = out + oo;
     const acc_t* __restrict__ a = acc + ao;
+#if MSFAST_CPU_AVX2
+    if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+      if (avx512bf16()) {
+        const bool cl = affine && j.dst.cl;
+        return write_bf16_512(a, len, affine, affine && !cl ? j.scale[ch] : 0.f, affine && !cl ? j.shift[ch] : 0.f,
+                              cl ? j.scale_run.data() : nullptr, cl ? j.shift_run.data() : nullptr, o);
+      }
+    }
+#endif
     if (!affine) {
       for (int64_t c = 0; c < len; ++c) o[c] = to_dst<dst_t>(a[c]);
     } else if (!j.dst.cl) {
