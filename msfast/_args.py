@@ -76,14 +76,18 @@ def _align_corners(mode: str, align_corners) -> bool:
 MAX_BYTES = 2**63 - 1
 
 
-def _check_fits(shape, dtype: torch.dtype, name: str, what: str) -> None:
+def _check_fits(shape, dtype: torch.dtype, name, what: str) -> None:
     """An output that no allocator could provide (its byte size overflows int64) is a bad
     argument, named as such, rather than an overflow deep inside ATen. An output that merely
-    exceeds the machine's memory is left to the allocator, which raises a RuntimeError."""
-    if not all(isinstance(v, int) for v in shape):
-        return  # symbolic sizes under torch.compile: checked when the real call runs
+    exceeds the machine's memory is left to the allocator, which raises a RuntimeError.
+    name: the argument, or a function that returns it (formatting floats for every call cost
+    more than the check)."""
+    for v in shape:  # (a loop: all() over a generator cost a microsecond a call)
+        if not isinstance(v, int):
+            return  # symbolic sizes under torch.compile: checked when the real call runs
     nbytes = max(shape[0], 1) * math.prod(shape[1:]) * dtype.itemsize  # N = 0 still has strides
     if nbytes > MAX_BYTES:
+        name = name() if callable(name) else name
         raise ValueError(
             f"msfast: {name} gives {what} of shape {list(shape)} ({nbytes} bytes), more than any tensor can hold"
         )
@@ -145,20 +149,22 @@ def pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, ou
         if not isinstance(scales, (list, tuple)) or len(scales) == 0:
             raise TypeError(f"msfast: scales must be a non-empty sequence of numbers, got {scales!r}")
         out_sizes = []
+        plain = type(H) is int and type(W) is int  # not SymInts (torch.compile with dynamic shapes)
         for k, s in enumerate(scales):
-            if isinstance(s, bool) or not isinstance(s, Real):
+            # type() first: isinstance against the Real ABC is slow, and this runs per call
+            if type(s) is not float and (isinstance(s, bool) or not isinstance(s, Real)):
                 raise TypeError(f"msfast: scales[{k}] must be a number, got {type(s).__name__}")
             s = float(s)
             # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a scale
             # held by a module can be a SymFloat, which math.isfinite cannot trace. NaN fails both.
             if not (0 < s < math.inf):
                 raise ValueError(f"msfast: scales[{k}] must be positive and finite, got {s}")
-            if isinstance(H, int) and isinstance(W, int) and max(H, W) * s >= 2**63:
+            if plain and max(H, W) * s >= 2**63:
                 # int(inf) would raise OverflowError, a huge int an unreadable schema error.
                 raise ValueError(f"msfast: scales[{k}]={s} gives a level past 2^63 rows or columns for a "
                                  f"{H}x{W} input")
             # ATen's rule: int64(in * scale), i.e. floor for positive values.
-            h, w = torch.sym_int(H * s), torch.sym_int(W * s)
+            h, w = (int(H * s), int(W * s)) if plain else (torch.sym_int(H * s), torch.sym_int(W * s))
             if (isinstance(h, int) and h < 1) or (isinstance(w, int) and w < 1):
                 raise ValueError(f"msfast: scales[{k}]={s} gives an empty level ({h}x{w}) for a {H}x{W} input")
             out_sizes.append((h, w))
@@ -182,9 +188,11 @@ def pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, ou
         out_dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype
     elif out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"msfast: out_dtype must be a floating dtype, got {out_dtype}")
+    N = x.shape[0]
     for k, (h, w) in enumerate(out_sizes):
-        name = f"scales[{k}]={scales[k]}" if scales is not None else f"sizes[{k}]"
-        _check_fits((x.shape[0], C, h, w), out_dtype, name, f"level {k}")
+        def name(k=k):
+            return f"scales[{k}]={scales[k]}" if scales is not None else f"sizes[{k}]"
+        _check_fits((N, C, h, w), out_dtype, name, f"level {k}")
     return PyramidArgs(out_sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
 
 
@@ -233,7 +241,7 @@ def concat_args(features, size, mode, align_corners, out):
     mode = _check_mode(mode, CONCAT_MODES)
     size = _pair(size, "size")
     align_corners = _align_corners(mode, align_corners)
-    _check_fits((f0.shape[0], sum(f.shape[1] for f in features), *size), f0.dtype, f"size={size}", "an output")
+    _check_fits((f0.shape[0], sum(f.shape[1] for f in features), *size), f0.dtype, lambda: f"size={size}", "an output")
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"msfast: out must be a torch.Tensor, got {type(out).__name__}")

@@ -324,3 +324,25 @@ def test_levels_are_independent_tensors(device, gen):
     assert a.data_ptr() != b.data_ptr() and a.data_ptr() != x.data_ptr()
     a.add_(1.0)
     assert not torch.equal(a, b)
+
+
+def test_tables_cached_across_calls_keep_every_argument_apart(gen):
+    """The tap tables are cached across calls (csrc/msfast/ops.h, cached_table), keyed by
+    every argument they depend on: calls that differ in only one of them (the scale given
+    against the size it yields, antialias, align_corners, mode), made back to back and
+    again in the other order, each match the reference."""
+    x = randn(gen, 1, 2, 20, 20)
+    variants = [
+        dict(scales=[0.58]),
+        dict(sizes=[(11, 11)]),  # the size 0.58 gives, but the scale the sizes imply (11 / 20)
+        dict(scales=[0.58], antialias=False),
+        dict(scales=[0.58], align_corners=True, antialias=False),
+        dict(scales=[0.58], mode="bicubic"),
+        dict(scales=[0.58], mode="area"),
+        dict(scales=[0.58], mode="nearest"),
+        dict(scales=[0.58], mode="nearest-exact"),
+    ]
+    for kw in variants + variants[::-1]:
+        (out,) = msfast.pyramid(x, **kw)
+        (want,) = ref_pyramid(x, **kw)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=lambda m, kw=kw: f"{kw}: {m}")
