@@ -37,6 +37,10 @@ out["cat_bf16_tiny"] = msfast.upsample_concat([(f * 2e-38).bfloat16() for f in f
 big = [torch.randn(2, c, s, s, generator=g).bfloat16() for c, s in [(8, 7), (4, 14), (2, 3)]]
 out["cat_bf16_8x"] = msfast.upsample_concat(big, (56, 56))
 out["pyr_bf16_tiny"] = msfast.pyramid((x * 2e-38).bfloat16(), [0.5, 0.3])
+cl16 = [torch.randn(2, c, s, s, generator=g).contiguous(memory_format=torch.channels_last)
+        for c, s in [(16, 7), (32, 14)]]
+out["cat_bf16_cl"] = msfast.upsample_concat([f.bfloat16() for f in cl16], (28, 28))
+out["cat_bf16_cl_tiny"] = msfast.upsample_concat([(f * 2e-38).bfloat16() for f in cl16], (28, 28))
 for cl in (False, True):
     u = u8.contiguous(memory_format=torch.channels_last) if cl else u8.contiguous()
     out[f"pre_bf16_{cl}"] = msfast.pyramid(u, [1, 0.75, 0.5], mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25],
