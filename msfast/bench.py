@@ -2,7 +2,8 @@
 
 Every case is timed in one process, one run, with the repetitions of its implementations
 interleaved: the eager reference path (F.interpolate + torch.cat),
-``torch.compile(reference, fullgraph=True)`` (its compile time reported apart) and msfast.
+``torch.compile(reference, fullgraph=True)`` (its compile time reported apart) and msfast,
+for every dtype of the case's layout and pass at once.
 Each timing is the median of several repetitions; the report gives the ratios and the
 share of the memory-bandwidth roofline: the bytes that must move (every input read once,
 every output written once) over the bandwidth of a large tensor copy measured in the same
@@ -349,48 +350,67 @@ def run(args) -> dict:
     bw = copy_bandwidth(device)
     env = environment(device)
     env["copy_GBps"] = bw / 1e9
-    rows = []
     log = sys.stderr
     print(f"msfast bench on {device} ({env['cpu'] if device == 'cpu' else env.get('gpu')}), "
           f"{env['threads']} threads, copy bandwidth {bw / 1e9:.1f} GB/s, THP_MEM_ALLOC_ENABLE="
           f"{env['THP_MEM_ALLOC_ENABLE']}", file=log)
-    for i, v in enumerate(vs, 1):
-        tag = f"[{i}/{len(vs)}] {v.case} {v.dtype} {v.layout} {v.pass_}"
-        p = prepare(v)
-        impls = {"eager": step_fn(p, p.run_ref), "msfast": step_fn(p, p.run_msfast)}
-        comp_s = None
-        if p.compile_skipped and not args.no_compile:
-            print(f"{tag}: no torch.compile baseline ({p.compile_skipped})", file=log)
+    # The dtypes of one (case, layout, pass) are timed together, their repetitions interleaved
+    # with each other's as well as the implementations': "bfloat16 at least as fast as float32"
+    # then compares two timings of the same minutes. Timed one after the other, a busy stretch
+    # of a shared machine could fall on one dtype and not the other (preprocess alone took 3.4
+    # to 8.7 ms within a minute on this project's machine).
+    groups: dict = {}
+    for v in vs:
+        groups.setdefault((v.case, v.layout, v.pass_), []).append(v)
+    by_variant = {}
+    for gi, group in enumerate(groups.values(), 1):
+        v0 = group[0]
+        tag = f"[{gi}/{len(groups)}] {v0.case} {v0.layout} {v0.pass_} ({', '.join(v.dtype for v in group)})"
+        prepared = [prepare(v) for v in group]
+        impls = {}
+        for v, p in zip(group, prepared):
+            impls[(v.dtype, "eager")] = step_fn(p, p.run_ref)
+            impls[(v.dtype, "msfast")] = step_fn(p, p.run_msfast)
+        comp_s = {}
+        skipped = prepared[0].compile_skipped
+        if skipped and not args.no_compile:
+            print(f"{tag}: no torch.compile baseline ({skipped})", file=log)
         elif not args.no_compile:
             print(f"{tag}: compiling...", end="", file=log, flush=True)
-            try:
-                torch._dynamo.reset()
-                cstep = step_fn(p, compile_reference(p))
-                t0 = time.perf_counter()
-                cstep()
-                _sync(device)
-                comp_s = time.perf_counter() - t0  # compile + first call
-                impls["compile"] = cstep
-            except Exception as e:  # report, don't abort the whole run
-                print(f" (compile failed: {type(e).__name__}: {e})", end="", file=log)
-        print(f"{tag}: timing {', '.join(impls)}...", end="", file=log, flush=True)
+            torch._dynamo.reset()
+            for v, p in zip(group, prepared):
+                try:
+                    cstep = step_fn(p, compile_reference(p))
+                    t0 = time.perf_counter()
+                    cstep()
+                    _sync(device)
+                    comp_s[v.dtype] = time.perf_counter() - t0  # compile + first call
+                    impls[(v.dtype, "compile")] = cstep
+                except Exception as e:  # report, don't abort the whole run
+                    print(f" ({v.dtype}: compile failed: {type(e).__name__}: {e})", end="", file=log)
+        print(f"{tag}: timing...", end="", file=log, flush=True)
         times = time_interleaved(impls, device, reps)
-        eager, ms = statistics.median(times["eager"]), statistics.median(times["msfast"])
-        comp = statistics.median(times["compile"]) if "compile" in times else None
-        if comp_s is not None and comp is not None:
-            comp_s = max(comp_s - comp / 1e3, 0.0)
-        nbytes = p.bytes_fwd + (p.bytes_bwd if v.pass_ == "fwd+bwd" else 0)
-        roof_ms = nbytes / bw * 1e3 if nbytes else None  # none for a training step
-        row = {
-            "case": v.case, "device": device, "dtype": v.dtype, "layout": v.layout, "pass": v.pass_,
-            "eager_ms": eager, "compile_ms": comp, "compile_time_s": comp_s, "msfast_ms": ms,
-            "speedup_vs_eager": eager / ms, "speedup_vs_compile": (comp / ms) if comp else None,
-            "bytes": nbytes, "roofline_ms": roof_ms, "roofline_share": roof_ms / ms if roof_ms else None,
-        }
-        if p.compile_skipped:
-            row["compile_skipped"] = p.compile_skipped
-        rows.append(row)
-        print(f" {ms:.2f} ms ({row['speedup_vs_eager']:.1f}x eager)", file=log, flush=True)
+        for v, p in zip(group, prepared):
+            eager, ms = statistics.median(times[(v.dtype, "eager")]), statistics.median(times[(v.dtype, "msfast")])
+            comp = statistics.median(times[(v.dtype, "compile")]) if (v.dtype, "compile") in times else None
+            cs = comp_s.get(v.dtype)
+            if cs is not None and comp is not None:
+                cs = max(cs - comp / 1e3, 0.0)
+            nbytes = p.bytes_fwd + (p.bytes_bwd if v.pass_ == "fwd+bwd" else 0)
+            roof_ms = nbytes / bw * 1e3 if nbytes else None  # none for a training step
+            row = {
+                "case": v.case, "device": device, "dtype": v.dtype, "layout": v.layout, "pass": v.pass_,
+                "eager_ms": eager, "compile_ms": comp, "compile_time_s": cs, "msfast_ms": ms,
+                "speedup_vs_eager": eager / ms, "speedup_vs_compile": (comp / ms) if comp else None,
+                "bytes": nbytes, "roofline_ms": roof_ms, "roofline_share": roof_ms / ms if roof_ms else None,
+            }
+            if p.compile_skipped:
+                row["compile_skipped"] = p.compile_skipped
+            by_variant[id(v)] = row
+            print(f" {v.dtype} {ms:.2f} ms ({row['speedup_vs_eager']:.1f}x eager)", end="", file=log)
+        print(file=log, flush=True)
+        del prepared, impls, times
+    rows = [by_variant[id(v)] for v in vs]  # the variants' order: case, dtype, layout, pass
     return {"environment": env, "reps": reps, "quick": bool(args.quick), "rows": rows}
 
 

@@ -81,3 +81,20 @@ def test_bench_records_the_cpu_kernel_build():
     want = _ops._C.build_info()["cpu_isa"] if _ops._C is not None else None
     assert env["cpu_isa"] == want
     assert want is None or want in ("base", "avx2", "avx512bf16")
+
+
+def test_bench_times_the_dtypes_of_a_case_together(capsys):
+    """A short run (no torch.compile): one row per variant, in the variants' order, each dtype
+    timed with the other's repetitions interleaved (one progress line per case, both dtypes)."""
+    import argparse
+
+    from msfast import bench
+
+    args = argparse.Namespace(device="cpu", threads=None, reps=2, quick=True, cases="pyramid_n1",
+                              dtypes=None, layouts=None, no_compile=True)
+    result = bench.run(args)
+    want = [(v.case, v.dtype, v.layout, v.pass_) for v in bench.variants("cpu", ["pyramid_n1"], quick=True)]
+    assert [(r["case"], r["dtype"], r["layout"], r["pass"]) for r in result["rows"]] == want
+    assert all(r["msfast_ms"] > 0 and r["eager_ms"] > 0 and r["compile_ms"] is None for r in result["rows"])
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(progress) == 2 and all("float32" in line and "bfloat16" in line for line in progress)
