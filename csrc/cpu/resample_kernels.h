@@ -173,9 +173,10 @@ struct JobPlan {
   //   plain stores too (an unaligned row start, an affine job's slice next to it) is read in
   //   and written back again and again (a bfloat16 copy of 112-byte rows went from 0.45 to
   //   7 ms).
-  // - Not for 16-bit NCHW blends: they are bound by the rounding, not by memory, and
-  //   fpn_concat's bfloat16 NCHW forward was 10-13% slower this way (channels_last: 20-28%
-  //   faster); 16-bit NCHW copies stream as whole runs of rows (see plan_streams).
+  // - Not for 16-bit NCHW blends: fpn_concat's bfloat16 NCHW forward was 10-13% slower this
+  //   way (channels_last: 20-28% faster), and with the AVX-512 BF16 rounding, through a
+  //   staging buffer and whole-line stores, its 8x part still went from 3.7 to 4.4 ms;
+  //   16-bit NCHW copies stream as whole runs of rows (see plan_streams).
   // - Only for calls moving more than stream_bytes() (32 MiB, this machine's last-level
   //   cache) in all, inputs read and output written: below that, plain stores leave the
   //   output in cache for whatever reads it next. A [1, 0.5, 0.25] pyramid of 32 RGB 224x224
@@ -307,19 +308,24 @@ MSFAST_INLINE __m128i bf16x8(__m256 x) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-// Whether the bfloat16 rounding uses AVX-512 BF16 (cpu_isa() "avx512bf16").
+// Whether the bfloat16 rounding uses AVX-512 BF16 (cpu_isa() "avx512bf16"). The functions
+// that do are compiled for it one by one (MSFAST_AVX512BF16), not as a third build.
 inline bool avx512bf16() {
   static const bool on = std::strcmp(cpu_isa(), "avx512bf16") == 0;
   return on;
 }
+#define MSFAST_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+// vfpclassps classes. vcvt(ne2)ps2bf16 rounds to nearest even as to_dst does, but flushes
+// subnormals to zero and writes NaNs of its own: values of those classes take to_dst.
+constexpr int kFpNan = 0x01 | 0x80, kFpInf = 0x08 | 0x10, kFpSubnormal = 0x20;
 
 // blend2_avx2 into bfloat16 where the processor has AVX-512 BF16, on 256-bit vectors: the
 // rounding of 16 values is one vcvtne2ps2bf16 instead of about 20 integer instructions.
-// 16 values holding a NaN or a subnormal (fpclass) take the scalar path, as in
-// blend2_rows_bf16_512. (The 512-bit version was slower on these rows.)
-__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) void blend2_bf16_256(
+// 16 values holding a NaN or a subnormal take the scalar path. (The 512-bit version was
+// slower on these rows: channels_last slices, one call per pixel.)
+MSFAST_AVX512BF16 void blend2_bf16_256(
     const float* a, const float* b, int64_t len, float w0, float w1, at::BFloat16* o, bool nt, bool nt32) {
-  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;
+  constexpr int kNanOrSubnormal = kFpNan | kFpSubnormal;
   const __m256 v0 = _mm256_set1_ps(w0), v1 = _mm256_set1_ps(w1);
   int64_t c = 0;
   for (; c + 16 <= len; c += 16) {
@@ -382,15 +388,14 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
   for (; c < len; ++c) o[c] = to_dst<out_t>(std::fma(w1, b[c], w0 * a[c]));
 }
 
-// blend2_rows_bf16 where the processor has AVX-512 BF16 (cpu_isa() "avx512bf16"), 32 values
-// of every row a step: vcvtne2ps2bf16 rounds 32 floats in one instruction where the AVX2
-// rounding takes about 20 for 16, and the rounding was what bounded these rows. It rounds
-// to nearest even as to_dst does, but flushes subnormals to zero and writes NaNs of its own,
-// so a row's chunk that is subnormal anywhere, or whose ring chunk is not finite, is written
-// by the scalar path instead. The last chunk of a row is masked: no scalar tail.
-__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) void blend2_rows_bf16_512(
+// blend2_rows_bf16 where the processor has AVX-512 BF16, 32 values of every row a step:
+// vcvtne2ps2bf16 rounds 32 floats in one instruction where the AVX2 rounding takes about 20
+// for 16, and the rounding was what bounded these rows. A row's chunk that is subnormal
+// anywhere, or whose ring chunk is not finite, is written by the scalar path instead. The
+// last chunk of a row is masked: no scalar tail. (On 256-bit vectors: 3-5% slower.)
+MSFAST_AVX512BF16 void blend2_rows_bf16_512(
     const float* a, const float* b, int64_t len, const float* w, int64_t n, at::BFloat16* o, int64_t stride) {
-  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80, kSubnormal = 0x20;  // vfpclassps classes
+  constexpr int kNonFinite = kFpNan | kFpInf;
   for (int64_t c = 0; c < len; c += 32) {
     const int64_t m = std::min<int64_t>(len - c, 32);
     const __mmask32 k = m == 32 ? ~__mmask32{0} : (__mmask32{1} << m) - 1;
@@ -404,7 +409,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf
       const __m512 x = _mm512_fmadd_ps(v1, b0, _mm512_mul_ps(v0, a0));
       const __m512 y = _mm512_fmadd_ps(v1, b1, _mm512_mul_ps(v0, a1));
       at::BFloat16* p = o + r * stride + c;
-      if (bad | _mm512_fpclass_ps_mask(x, kSubnormal) | _mm512_fpclass_ps_mask(y, kSubnormal)) {
+      if (bad | _mm512_fpclass_ps_mask(x, kFpSubnormal) | _mm512_fpclass_ps_mask(y, kFpSubnormal)) {
         for (int64_t i = 0; i < m; ++i)
           p[i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[c + i], w[2 * r] * a[c + i]));
         continue;
@@ -420,12 +425,12 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf
 
 // write_row's loops into bfloat16 where the processor has AVX-512 BF16: o[c] = round(a[c]),
 // round(fma(a[c], m1, b1)) (m, b null) or round(fma(a[c], m[c], b[c])), 16 values a step
-// (vcvtneps2bf16), the last step masked. As in blend2_rows_bf16_512, steps holding a
-// non-finite or subnormal value take the scalar path. The multiply-adds are fused, as GCC
-// fuses the scalar loop's a * m + b in the AVX2 build.
-__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) void write_bf16_512(
+// (vcvtneps2bf16), the last step masked; steps holding a non-finite or subnormal value take
+// the scalar path. The multiply-adds are fused, as GCC fuses the scalar loop's a * m + b in
+// the AVX2 build.
+MSFAST_AVX512BF16 void write_bf16_512(
     const float* a, int64_t len, bool affine, float m1, float b1, const float* m, const float* b, at::BFloat16* o) {
-  constexpr int kNotNormal = 0x01 | 0x08 | 0x10 | 0x20 | 0x80;  // NaN, infinities, subnormals
+  constexpr int kNotNormal = kFpNan | kFpInf | kFpSubnormal;
   for (int64_t c = 0; c < len; c += 16) {
     const int64_t n = std::min<int64_t>(len - c, 16);
     const __mmask16 k = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
