@@ -319,6 +319,27 @@ inline bool avx512bf16() {
 // subnormals to zero and writes NaNs of its own: values of those classes take to_dst.
 constexpr int kFpNan = 0x01 | 0x80, kFpInf = 0x08 | 0x10, kFpSubnormal = 0x20;
 
+// o[i] = w0 * a[i] + w1 * b[i] for c0 <= i < c1, one value at a time: the arithmetic every
+// vector blend below matches, and their path for tails and for values they cannot round.
+template <typename out_t>
+MSFAST_INLINE void blend_scalar(const float* a, const float* b, float w0, float w1, out_t* o, int64_t c0,
+                                int64_t c1) {
+  for (int64_t i = c0; i < c1; ++i) o[i] = to_dst<out_t>(std::fma(w1, b[i], w0 * a[i]));
+}
+
+// Stores 16 bfloat16 values at p: non-temporal when nt (p 16-byte aligned), 32 bytes at a
+// time when nt32 (p 32-byte aligned).
+MSFAST_INLINE void store_bf16x16(at::BFloat16* p, __m256i r, bool nt, bool nt32) {
+  if (nt32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), r);
+  } else if (nt) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(r));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_extracti128_si256(r, 1));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
+  }
+}
+
 // blend2_avx2 into bfloat16 where the processor has AVX-512 BF16, on 256-bit vectors: the
 // rounding of 16 values is one vcvtne2ps2bf16 instead of about 20 integer instructions.
 // 16 values holding a NaN or a subnormal take the scalar path. (The 512-bit version was
@@ -331,21 +352,12 @@ MSFAST_AVX512BF16 void blend2_bf16_256(
   for (; c + 16 <= len; c += 16) {
     const __m256 x = _mm256_fmadd_ps(v1, _mm256_loadu_ps(b + c), _mm256_mul_ps(v0, _mm256_loadu_ps(a + c)));
     const __m256 y = _mm256_fmadd_ps(v1, _mm256_loadu_ps(b + c + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(a + c + 8)));
-    if (_mm256_fpclass_ps_mask(x, kNanOrSubnormal) | _mm256_fpclass_ps_mask(y, kNanOrSubnormal)) {
-      for (int64_t i = c; i < c + 16; ++i) o[i] = to_dst<at::BFloat16>(std::fma(w1, b[i], w0 * a[i]));
-      continue;
-    }
-    const __m256i r = reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(y, x));
-    if (nt32) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(o + c), r);
-    } else if (nt) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(o + c), _mm256_castsi256_si128(r));
-      _mm_stream_si128(reinterpret_cast<__m128i*>(o + c + 8), _mm256_extracti128_si256(r, 1));
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), r);
-    }
+    if (_mm256_fpclass_ps_mask(x, kNanOrSubnormal) | _mm256_fpclass_ps_mask(y, kNanOrSubnormal))
+      blend_scalar(a, b, w0, w1, o, c, c + 16);
+    else
+      store_bf16x16(o + c, reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(y, x)), nt, nt32);
   }
-  for (; c < len; ++c) o[c] = to_dst<at::BFloat16>(std::fma(w1, b[c], w0 * a[c]));
+  blend_scalar(a, b, w0, w1, o, c, len);
 }
 
 // o[c] = w0 * a[c] + w1 * b[c] for c < len, in 8-value steps (16 for bfloat16, packed in one
@@ -360,7 +372,6 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
   auto value = [&](int64_t c) {
     return _mm256_fmadd_ps(v1, _mm256_loadu_ps(b + c), _mm256_mul_ps(v0, _mm256_loadu_ps(a + c)));
   };
-  auto at = [&](int64_t c) { return reinterpret_cast<__m128i*>(o + c); };
   const bool nt = stream && reinterpret_cast<uintptr_t>(o) % (8 * sizeof(out_t)) == 0;
   const bool nt32 = nt && reinterpret_cast<uintptr_t>(o) % 32 == 0;
   int64_t c = 0;
@@ -368,24 +379,15 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
     for (; c + 8 <= len; c += 8) nt ? _mm256_stream_ps(o + c, value(c)) : _mm256_storeu_ps(o + c, value(c));
   } else {
     if (avx512bf16() && len % 16 == 0) return blend2_bf16_256(a, b, len, w0, w1, o, nt, nt32);
-    for (; c + 16 <= len; c += 16) {
-      const __m256i r = bf16x16(value(c), value(c + 8));
-      if (nt32) {
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(o + c), r);
-      } else if (nt) {
-        _mm_stream_si128(at(c), _mm256_castsi256_si128(r));
-        _mm_stream_si128(at(c + 8), _mm256_extracti128_si256(r, 1));
-      } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), r);
-      }
-    }
+    for (; c + 16 <= len; c += 16) store_bf16x16(o + c, bf16x16(value(c), value(c + 8)), nt, nt32);
     if (c + 8 <= len) {
       const __m128i h = bf16x8(value(c));
-      nt ? _mm_stream_si128(at(c), h) : _mm_storeu_si128(at(c), h);
+      __m128i* p = reinterpret_cast<__m128i*>(o + c);
+      nt ? _mm_stream_si128(p, h) : _mm_storeu_si128(p, h);
       c += 8;
     }
   }
-  for (; c < len; ++c) o[c] = to_dst<out_t>(std::fma(w1, b[c], w0 * a[c]));
+  blend_scalar(a, b, w0, w1, o, c, len);
 }
 
 // blend2_rows_bf16 where the processor has AVX-512 BF16, 32 values of every row a step:
@@ -410,6 +412,8 @@ MSFAST_AVX512BF16 void blend2_rows_bf16_512(
       const __m512 y = _mm512_fmadd_ps(v1, b1, _mm512_mul_ps(v0, a1));
       at::BFloat16* p = o + r * stride + c;
       if (bad | _mm512_fpclass_ps_mask(x, kFpSubnormal) | _mm512_fpclass_ps_mask(y, kFpSubnormal)) {
+        // blend_scalar's loop, written out: through the helper GCC laid this function out
+        // differently and fpn_concat out= bfloat16 NCHW was 4-5% slower (one thread).
         for (int64_t i = 0; i < m; ++i)
           p[i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[c + i], w[2 * r] * a[c + i]));
         continue;
@@ -490,9 +494,7 @@ MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len,
   };
   while (c + 16 <= len) chunk(std::true_type{});
   if (c + 8 <= len) chunk(std::false_type{});
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t i = c; i < len; ++i)
-      o[r * stride + i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[i], w[2 * r] * a[i]));
+  for (int64_t r = 0; r < n; ++r) blend_scalar(a, b, w[2 * r], w[2 * r + 1], o + r * stride, c, len);
 }
 #endif
 
@@ -1048,7 +1050,7 @@ void plan_streams(std::vector<JobPlan<acc_t>>& plans, int64_t total_values) {
   // 16-bit NCHW rows are short and do not start on cache lines: only copies stream, as whole
   // runs of rows (the row order's copy), which needs the rows of a plane contiguous. (Blends
   // into 112-byte rows were slower with non-temporal stores, written straight or through a
-  // staging buffer in L1: their rounding, not memory, bounds them.)
+  // staging buffer in L1: see JobPlan::stream.)
   auto can = [](const JobPlan<acc_t>& p) {
     const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl || copies_row_runs(p);
     return (p.rows2 || p.copy) && rows_ok && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
@@ -1302,7 +1304,7 @@ void run_typed(const std::vector<Job>& jobs) {
   // stores, next to the copy and the 2x rows, bound by arithmetic), as the fixed halves did,
   // which kept the forward faster than both threads going down the jobs together. The
   // plane-major order keeps the fixed shares: its chunks would split planes.
-  const int64_t grain = grain_of(items), chunks = plane_major ? 1 : (items + grain - 1) / grain;
+  const int64_t grain = grain_of(items), chunks = (items + grain - 1) / grain;
   std::atomic<uint64_t> ends{static_cast<uint64_t>(chunks) << 32};  // first and one past the last chunk left
   auto take = [&](bool back) -> int64_t {
     uint64_t cur = ends.load(std::memory_order_relaxed);
