@@ -18,6 +18,7 @@ const char* cpu_isa();  // csrc/cpu/resample_cpu.cpp
 void empty_cpu_cache();  // csrc/cpu/out_cache.cpp
 void set_cpu_runner(const std::string& name);  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stencil_terms_planned();  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& small_jobs_planned();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stream_bytes();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& streamed_calls();  // csrc/cpu/gather_cpu.cpp
 }  // namespace msfast
@@ -28,8 +29,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("empty_cpu_cache", &msfast::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("_set_cpu_runner", &msfast::set_cpu_runner,
         "Testing hook: run CPU calls with the CPU kernels ('native', the default; 'no-stencil' without "
-        "their row stencil and window for integer and short-period factors and upscales) or with the CUDA kernel's code ('gather'; 'gather64' forces "
-        "its 64-bit index path)");
+        "their row stencil and window for integer and short-period factors and upscales; 'no-small' without "
+        "their small-plane path) or with the CUDA kernel's code ('gather'; 'gather64' forces its 64-bit index "
+        "path)");
+  m.def("_small_plane_jobs", []() { return msfast::small_jobs_planned().load(); },
+        "Testing hook: how many NCHW jobs the CPU kernels have run with the small-plane path");
   m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },
         "Testing hook: how many NCHW terms the CPU kernels have run with the row stencil or window");
   m.def("_set_stream_bytes", [](int64_t n) { return msfast::stream_bytes().exchange(n); },

@@ -34,7 +34,7 @@ from . import _ops, reference
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", "resnet_train_step")
+CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", "fusion_concat", "resnet_train_step")
 TRAIN_CASES = ("resnet_train_step",)
 COMPILE_SKIPPED = ("torch.compile of the whole ResNet-18 training step took 200 s to compile (one variant, 2-core "
                    "machine); this case compares the two eager backends")
@@ -132,11 +132,14 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
         inb = _nbytes(x.shape, dtype)
         return Prepared([x], lambda x: reference.pyramid(x, scales, **kw), lambda x: _ops.pyramid(x, scales, **kw),
                         grads, inb + outs, outs + inb)
-    # fpn_concat (N=64 on a GPU, where N=16 is too small to fill it)
-    n = 4 if q else (64 if dev.type == "cuda" else 16)
-    spec = [(64, 56), (128, 28), (256, 14), (512, 7)]
+    if v.case == "fusion_concat":
+        # MultiScaleResNet-18's fusion on 128-pixel images: 49152 planes of 4x4 or less
+        n = 8 if q else 32
+        spec, size = [(512, 4), (512, 2), (512, 1)], (4, 4)
+    else:  # fpn_concat (N=64 on a GPU, where N=16 is too small to fill it)
+        n = 4 if q else (64 if dev.type == "cuda" else 16)
+        spec, size = [(64, 56), (128, 28), (256, 14), (512, 7)], (56, 56)
     feats = [torch.randn(n, c, s, s, generator=g).to(dev, dtype).contiguous(memory_format=fmt) for c, s in spec]
-    size = (56, 56)
     out_shape = (n, sum(c for c, _ in spec), *size)
     inb = sum(_nbytes(f.shape, dtype) for f in feats)
     outb = _nbytes(out_shape, dtype)

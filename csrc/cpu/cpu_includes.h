@@ -23,6 +23,10 @@ namespace msfast {
 // so tests can check the stencil and window paths (resample_kernels.h) against it.
 bool cpu_stencil_enabled();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stencil_terms_planned();  // how many terms took either: msfast._C._stencil_terms()
+// False under msfast._C._set_cpu_runner("no-small"): small NCHW planes take the rows too
+// (JobPlan::small); msfast._C._small_plane_jobs() counts the jobs that took the small path.
+bool cpu_small_planes_enabled();
+std::atomic<int64_t>& small_jobs_planned();
 // Calls moving more bytes than this (inputs read and output written) use non-temporal stores
 // where they can (JobPlan::stream);
 // msfast._C._set_stream_bytes changes it for tests, msfast._C._streamed_calls counts them.

@@ -12,11 +12,20 @@
 namespace msfast {
 
 std::atomic<int>& cpu_runner() {
-  static std::atomic<int> runner{0};  // 0: the CPU kernels, 1: gather_item, 2: CPU kernels without the stencil and window
+  // 0: the CPU kernels, 1: gather_item, 2: CPU kernels without the stencil and window,
+  // 3: CPU kernels without the small-plane path
+  static std::atomic<int> runner{0};
   return runner;
 }
 
 bool cpu_stencil_enabled() { return cpu_runner().load() != 2; }
+
+bool cpu_small_planes_enabled() { return cpu_runner().load() != 3; }
+
+std::atomic<int64_t>& small_jobs_planned() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
 
 std::atomic<int64_t>& stencil_terms_planned() {
   static std::atomic<int64_t> n{0};
@@ -34,10 +43,11 @@ std::atomic<int64_t>& streamed_calls() {
 }
 
 void set_cpu_runner(const std::string& name) {
-  TORCH_CHECK_VALUE(name == "native" || name == "no-stencil" || name == "gather" || name == "gather64",
-                    "msfast: cpu runner must be 'native', 'no-stencil', 'gather' or 'gather64', got '", name, "'");
+  TORCH_CHECK_VALUE(
+      name == "native" || name == "no-stencil" || name == "no-small" || name == "gather" || name == "gather64",
+      "msfast: cpu runner must be 'native', 'no-stencil', 'no-small', 'gather' or 'gather64', got '", name, "'");
   gather_force_int64().store(name == "gather64");
-  cpu_runner().store(name == "native" ? 0 : name == "no-stencil" ? 2 : 1);
+  cpu_runner().store(name == "native" ? 0 : name == "no-stencil" ? 2 : name == "no-small" ? 3 : 1);
 }
 
 void run_gather_cpu(const std::vector<Job>& jobs) {
