@@ -159,15 +159,28 @@ void plan_dot(TermPlan<acc_t>& tp) {
 // concatenates 4x4, 2x2 and 1x1 maps of 512 channels at 4x4) and 8x8 digits. Row by row, a
 // plane of a few short rows spends its time in the row machinery (rings, gathers, vector
 // tails): that concat took 3.0 ms on two threads against eager's 0.85 (float32; 0.68 ms this
-// way). A term whose input and output planes make a matrix of at most kSmallPlane weights is
-// computed as that matrix (the product of its two tables): 8 outputs at a time, summed in
-// registers over the inputs they read, each input value times its 8 weights. An output's sum
-// runs over the same inputs in the same order whichever rows are computed together (the 8
-// are always the same 8), so results do not depend on the thread count; they agree with the
-// row path's to rounding (another order, the products of the two tables' weights rounded
-// once). A weight outside an output's taps is 0, and 0 * inf would be NaN where the rows give
-// a number: a plane with a non-finite input value takes the rows.
-constexpr int64_t kSmallPlane = 4096;
+// way). Such a term is computed as one matrix over the whole plane (the product of its two
+// tables): 8 outputs at a time, summed in registers over the inputs they read, each input
+// value times its 8 weights. An output's sum runs over the same inputs in the same order
+// whichever rows are computed together (the 8 are always the same 8), so results do not depend
+// on the thread count; they agree with the row path's to rounding (another order, the products
+// of the two tables' weights rounded once). A weight outside an output's taps is 0, and 0 * inf
+// would be NaN where the rows give a number: a plane with a non-finite input value takes the rows.
+//
+// Which planes: those whose rows are short and whose matrix is not much more work than the
+// rows. Nanoseconds per plane, one thread, matrix / rows: 2x2->4x4 31/102, 1x1->7x7 48/307,
+// 4x4->8x8 77/146, 3x5->7x9 79/139, 8x8->8x8 (normalized) 81/218, 8x8->4x4 (antialiased)
+// 101/195, 6x6->10x10 164/304, 10x10->12x12 252/310, 7x7->14x14 299/428; but 16x16->4x4
+// 332/285 and 16x16->8x8 383/312 (downscales whose 8 outputs read many rows), and rows of 16
+// or more, which the row path runs at vector speed: 2x2->16x16 150/126, 4x4->16x16 197/160,
+// 5x5->20x20 283/229, 2x2->32x32 429/198. The matrix's steps per output value (a step: one
+// input times 8 weights, over each 8 outputs' span of inputs) separate those two downscales
+// (20 and 7.5) from the rest (at most 5). Planes of fewer than 16 outputs are allowed 16
+// outputs' worth: the rows of a plane cost about 100 ns whatever their work (the gradient of
+// a 1x1 feature concatenated at 4x4, 16 steps for one value, takes 5 ns as a matrix).
+constexpr int64_t kSmallRow = 16;  // output rows shorter than this
+constexpr int64_t kSmallWork = 6;  // steps per output value, at most
+constexpr int64_t kSmallMatrix = 16384;  // weights (with the output plane rounded up to 8), at most
 
 // 8 values of acc_t as one GCC vector (one ymm register of floats under AVX2): the loops of
 // small_rows written with it compile to one broadcast multiply-add per input and plane, which
@@ -177,10 +190,12 @@ struct Vec8 {
   typedef acc_t type __attribute__((vector_size(8 * sizeof(acc_t))));
 };
 
+// Builds tp's matrix; false where it does not pay (see above).
 template <typename acc_t>
-void plan_small(TermPlan<acc_t>& tp) {
+bool plan_small(TermPlan<acc_t>& tp) {
   const Table<acc_t>&th = tp.th, &tw = tp.tw;
   const int64_t n = th.out * tw.out, n8 = (n + 7) / 8 * 8, m = th.in * tw.in;
+  if (m * n8 > kSmallMatrix) return false;
   std::vector<double> d(m * n8, 0.0);  // duplicate taps (clamped at a border) summed in double
   std::vector<int32_t> lo(n8 / 8, static_cast<int32_t>(m)), hi(n8 / 8, 0);
   for (int64_t oy = 0; oy < th.out; ++oy)
@@ -196,9 +211,13 @@ void plan_small(TermPlan<acc_t>& tp) {
           hi[o / 8] = std::max(hi[o / 8], static_cast<int32_t>(i + 1));
         }
     }
+  int64_t steps = 0;
+  for (int64_t c = 0; c < n8 / 8; ++c) steps += std::max(0, hi[c] - lo[c]);
+  if (steps > kSmallWork * std::max<int64_t>(n, 16)) return false;
   tp.dense.assign(d.begin(), d.end());
   tp.dense_lo = std::move(lo);
   tp.dense_hi = std::move(hi);
+  return true;
 }
 
 template <typename acc_t>
@@ -1230,17 +1249,14 @@ void run_typed(const std::vector<Job>& jobs) {
     p.direct = std::is_same_v<dst_t, acc_t> && p.scale.empty();
     p.copy = std::is_same_v<src_t, dst_t> && p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_unit &&
              is_unit(p.terms[0].th);
-    p.small = !p.copy && !p.dst.cl && cpu_small_planes_enabled();
-    for (const auto& tp : p.terms) p.small = p.small && tp.v.H * tp.v.W * p.dst.H * p.dst.W <= kSmallPlane;
+    p.small = !p.copy && !p.dst.cl && p.dst.W < kSmallRow && cpu_small_planes_enabled();
+    for (auto& tp : p.terms) p.small = p.small && plan_small(tp);
     p.rows2 = !p.small && p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_first && p.terms[0].th.K == 2;
     max_acc = std::max(max_acc, p.dst.W * p.dst.cp);
     if (p.small) {
       small_jobs_planned().fetch_add(1, std::memory_order_relaxed);
       max_acc = std::max(max_acc, 4 * ((p.dst.H * p.dst.W + 7) / 8 * 8));
-      for (auto& tp : p.terms) {
-        plan_small(tp);
-        max_small_in = std::max(max_small_in, tp.v.H * tp.v.W);
-      }
+      for (const auto& tp : p.terms) max_small_in = std::max(max_small_in, tp.v.H * tp.v.W);
     }
     total_values += p.dst.planes * p.dst.H * p.dst.W * p.dst.cp;
     first_item.push_back(first_item.back() + p.dst.planes * p.dst.H);
