@@ -234,3 +234,32 @@ def test_bfloat16_rounding_of_nan_payloads(channels_last, gen):
         assert nan.any()
         assert torch.equal(nan, want.isnan())
         assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("where", ["contiguous", "channel_slice", "out"])
+def test_copied_features_in_runs_of_planes(where, gen):
+    """A feature already at the output size is copied whole planes at a time where they follow
+    each other in the feature and in the output: 2400 planes in runs of 600 (one image's slice
+    of the output), cut by the chunks that tasks take (the first ends inside a run). Copies
+    are exact: the bits of the feature, on one thread and on two, into a new output or out=."""
+    if where == "channel_slice":
+        big = randn(gen, 4, 700, 4, 4)
+        f = big[:, 50:650]
+    else:
+        f = randn(gen, 4, 600, 4, 4)
+    small = randn(gen, 4, 600, 2, 2)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            if where == "out":
+                outs.append(msfast.upsample_concat([f, small], (4, 4), out=torch.full((4, 1200, 4, 4), 7.0)))
+            else:
+                outs.append(msfast.upsample_concat([f, small], (4, 4)))
+    finally:
+        torch.set_num_threads(n)
+    for out in outs:
+        assert torch.equal(out[:, :600], f)
+        torch.testing.assert_close(out[:, 600:], ref_upsample_concat([small], (4, 4)), **tol(torch.float32))
+    assert torch.equal(outs[0], outs[1])

@@ -1482,12 +1482,13 @@ void run_typed(const std::vector<Job>& jobs) {
         dst_t* out = start_plane(p, plane, makers.data(), src.data());
         int64_t rows_end = std::min<int64_t>(p.dst.H, oy + (end - item));
         if (p.small) {
-          // Plane after plane of this job while the range lasts (plane-major: this plane), four
-          // at a time where whole, with none of a segment's bookkeeping in between: a plane is a
-          // few dozen values. A plane small_rows leaves (a non-finite input) goes to the rows below.
+          // Plane after plane of this job while the range lasts (a call with a small job goes
+          // job by job), four at a time where whole, with none of a segment's bookkeeping in
+          // between: a plane is a few dozen values. A plane small_rows leaves (a non-finite
+          // input) goes to the rows below.
           const int64_t H = p.dst.H, first = plane;
           for (;;) {
-            const int64_t whole = oy == 0 && !plane_major ? std::min(p.dst.planes - plane, (end - item) / H) : 0;
+            const int64_t whole = oy == 0 ? std::min(p.dst.planes - plane, (end - item) / H) : 0;
             int64_t n = 4;
             if (whole < 4 || !small_rows<4, src_t, dst_t>(p, plane, 0, H, acc.data(), small_in.data())) {
               if (!small_rows<1, src_t, dst_t>(p, plane, oy, rows_end, acc.data(), small_in.data())) break;
@@ -1496,7 +1497,7 @@ void run_typed(const std::vector<Job>& jobs) {
             item += (n - 1) * H + rows_end - oy;
             plane += n - 1;
             oy = rows_end;
-            if (plane_major || oy < H || item == end || plane + 1 == p.dst.planes) break;
+            if (oy < H || item == end || plane + 1 == p.dst.planes) break;
             ++plane;
             oy = 0;
             rows_end = std::min<int64_t>(H, end - item);
@@ -1507,9 +1508,21 @@ void run_typed(const std::vector<Job>& jobs) {
           item += rows_end - oy;
           oy = rows_end;
         } else if (copies_row_runs(p)) {  // the rows in one go
+          // Job by job, the whole planes after this one that follow it in both tensors too: the
+          // 4x4 feature of the fusion concat (JobPlan::small) was 16384 copies of 64 bytes.
           const View& v = p.terms[0].v;
-          copy_run(out + oy * p.dst.row, src[0] + oy * v.row, (rows_end - oy) * v.row * sizeof(dst_t), p.stream);
-          item += rows_end - oy;
+          int64_t n = 1;  // planes
+          if (!plane_major && oy == 0 && rows_end == p.dst.H && v.pdiv == p.dst.pdiv) {
+            auto run = [&](const View& w) {  // planes from this one on, back to back in w
+              if (w.s_inner != w.H * w.row) return int64_t{1};
+              return w.s_outer == w.pdiv * w.s_inner ? w.planes - plane : w.pdiv - plane % w.pdiv;
+            };
+            n = std::min({run(v), run(p.dst), (end - item) / p.dst.H});
+          }
+          copy_run(out + oy * p.dst.row, src[0] + oy * v.row, ((n - 1) * v.H + rows_end - oy) * v.row * sizeof(dst_t),
+                   p.stream);
+          item += (n - 1) * p.dst.H + rows_end - oy;
+          plane += n - 1;
           oy = rows_end;
         }
         for (; oy < rows_end; ++oy, ++item) {
