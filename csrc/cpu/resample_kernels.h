@@ -1144,7 +1144,10 @@ bool small_rows(const JobPlan<acc_t>& p, int64_t plane, int64_t oy, int64_t oy_e
     const int64_t ch = (plane + g) % p.dst.pdiv;
     dst_t* out = static_cast<dst_t*>(p.dst.data) + p.dst.plane_offset(plane + g);
     const acc_t* a = acc + g * span + oy * Wo - c0 * 8;
-    if (p.dst.row == Wo) {
+    if (p.dst.row == Wo && p.scale.empty()) {  // write_row's call was a fifth of a 1x1 -> 4x4 plane
+      dst_t* __restrict__ o = out + oy * Wo;
+      for (int64_t i = 0; i < (oy_end - oy) * Wo; ++i) o[i] = to_dst<dst_t>(a[i]);
+    } else if (p.dst.row == Wo) {
       write_row(out + oy * Wo, packed_row((oy_end - oy) * Wo, 1), ch, a, p);
     } else {
       for (int64_t r = oy; r < oy_end; ++r) write_row(out + r * p.dst.row, packed_row(Wo, 1), ch, a + (r - oy) * Wo, p);
