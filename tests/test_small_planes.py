@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(_ops._C is None, reason="msfast._C is not built"
 
 # MultiScaleResNet-18's fusion at 128 and 224 pixels: 4x4, 2x2, 1x1 maps (and 7x7, 4x4, 2x2)
 # concatenated at the finest.
-RESNET_HEADS = [((4, 4), [(6, 4, 4), (5, 2, 2), (3, 1, 1)]), ((7, 7), [(6, 7, 7), (5, 4, 4), (3, 2, 2)])]
+RESNET_HEADS = [((4, 4), [(6, 4, 4), (5, 2, 2), (3, 1, 1)]), ((7, 7), [(12, 7, 7), (10, 4, 4), (6, 2, 2)])]
 CONCAT_KW = [{"mode": "bilinear"}, {"mode": "bilinear", "align_corners": True}, {"mode": "bicubic"},
              {"mode": "nearest"}, {"mode": "nearest-exact"}]
 PYRAMID_KW = [{"mode": "bilinear"}, {"mode": "bilinear", "antialias": True}, {"mode": "bicubic", "antialias": True},
@@ -86,10 +86,10 @@ def test_upsample_concat_forward_and_backward(head, kw, dtype, gen):
 @pytest.mark.parametrize("kw", PYRAMID_KW, ids=_kw_id)
 def test_pyramid_of_digits_forward_and_backward(kw, gen):
     """8x8 images (the default dataset's), levels 1, 0.5, 0.25, normalized inside the kernel."""
-    x = randn(gen, 5, 3, 8, 8, dtype=torch.float64)
+    x = randn(gen, 40, 3, 8, 8, dtype=torch.float64)
     scales = [1.0, 0.5, 0.25]
     norm = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 1.5, 2.0]}
-    grads = [randn(gen, 5, 3, 8 >> k, 8 >> k, dtype=torch.float64) for k in range(3)]
+    grads = [randn(gen, 40, 3, 8 >> k, 8 >> k, dtype=torch.float64) for k in range(3)]
 
     def run():
         xx = x.clone().requires_grad_(True)
@@ -111,7 +111,7 @@ def test_pyramid_of_digits_forward_and_backward(kw, gen):
 
 
 def test_pyramid_of_uint8_images(gen):
-    x = randint_u8(gen, 7, 3, 8, 8)
+    x = randint_u8(gen, 16, 3, 8, 8)
     kw = {"mode": "bilinear", "antialias": True, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]}
     fast, slow, jobs = _small_and_rows(lambda: msfast.pyramid(x, [1.0, 0.5, 0.25], **kw))
     assert jobs == 3
@@ -124,12 +124,14 @@ def test_only_small_nchw_planes_take_it(gen):
     before = _ops._C._small_plane_jobs()
     msfast.upsample_concat([randn(gen, 1, 2, 2, 2, channels_last=True)] * 2, (4, 4))  # channels_last
     msfast.upsample_concat([randn(gen, 1, 2, 4, 4)], (4, 4))  # a copy
-    msfast.upsample_concat([randn(gen, 1, 2, 2, 2)], (16, 16))  # rows of 16
-    msfast.upsample_concat([randn(gen, 1, 2, 32, 32)], (8, 8))  # 1024 x 64 weights
-    msfast.upsample_concat([randn(gen, 1, 2, 16, 16)], (4, 4))  # 8 outputs read 6 rows: 12 steps each
+    msfast.upsample_concat([randn(gen, 1, 64, 2, 2)], (16, 16))  # rows of 16
+    msfast.upsample_concat([randn(gen, 1, 64, 32, 32)], (8, 8))  # 1024 x 64 weights
+    msfast.upsample_concat([randn(gen, 1, 64, 16, 16)], (4, 4))  # 8 outputs read 6 rows: 12 steps each
     assert _ops._C._small_plane_jobs() == before
-    msfast.upsample_concat([randn(gen, 1, 2, 16, 16)], (8, 8))  # 256 x 64 weights: the bound, 4 steps each
-    msfast.upsample_concat([randn(gen, 1, 2, 7, 7)], (14, 15))  # rows of 15
+    msfast.upsample_concat([randn(gen, 1, 3, 16, 16)], (8, 8))  # three planes do not pay for the matrix
+    assert _ops._C._small_plane_jobs() == before
+    msfast.upsample_concat([randn(gen, 1, 64, 16, 16)], (8, 8))  # 256 x 64 weights: the bound, 4 steps each
+    msfast.upsample_concat([randn(gen, 1, 64, 7, 7)], (14, 15))  # rows of 15
     assert _ops._C._small_plane_jobs() == before + 2
 
 
@@ -157,13 +159,16 @@ def test_a_plane_with_a_non_finite_value_takes_the_rows(bad, gen):
 
 def test_values_do_not_depend_on_which_planes_or_rows_go_together(gen):
     """2400 planes of 3 x 5 outputs: chunks of rows split planes, whole planes go four at a
-    time, the rest one at a time. Every plane must equal that plane computed alone, and one
-    thread must give two threads' bits."""
+    time, the rest one at a time. Every plane must equal that plane computed in a call of five
+    planes (four at a time, then one), and one thread must give two threads' bits."""
     x = randn(gen, 4, 600, 2, 3)
     out = msfast.upsample_concat([x], (3, 5))
     for n, c in [(0, 0), (1, 7), (2, 599), (3, 598), (3, 599)]:
-        alone = msfast.upsample_concat([x[n : n + 1, c : c + 1]], (3, 5))
-        assert torch.equal(out[n, c], alone[0, 0]), (n, c)
+        lo = min(c, 595)
+        before = _ops._C._small_plane_jobs()
+        few = msfast.upsample_concat([x[n : n + 1, lo : lo + 5]], (3, 5))
+        assert _ops._C._small_plane_jobs() == before + 1
+        assert torch.equal(out[n, c], few[0, c - lo]), (n, c)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
