@@ -6,6 +6,7 @@
 - ``device`` fixture: "cpu", plus "cuda" (marked ``cuda``) that skips cleanly without a GPU or
   without compiled msfast CUDA kernels.
 - ``gen`` fixture: a fixed-seed torch.Generator per test; ``randn`` / ``randint_u8`` draw from it.
+- ``native_and(runner, fn, counter)``: fn() with the CPU kernels and again under a testing runner.
 """
 
 from __future__ import annotations
@@ -148,6 +149,22 @@ def ref_upsample_concat(features, size, **kw):
             raise
     dtype = features[0].dtype
     return reference.upsample_concat([f.float() for f in features], size, **kw).to(dtype)
+
+
+def native_and(runner: str, fn, counter):
+    """(fn() with the native CPU kernels, fn() under ``msfast._C._set_cpu_runner(runner)``, and
+    how much ``counter()`` rose during each), the native runner restored in any case."""
+    from msfast import _ops
+
+    before = counter()
+    fast = fn()
+    mid = counter()
+    _ops._C._set_cpu_runner(runner)
+    try:
+        slow = fn()
+    finally:
+        _ops._C._set_cpu_runner("native")
+    return fast, slow, mid - before, counter() - mid
 
 
 def run_python(code: str, env_extra: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GRAD_TOL, randint_u8, randn, ref_pyramid, ref_upsample_concat, tol
+from conftest import GRAD_TOL, native_and, randint_u8, randn, ref_pyramid, ref_upsample_concat, tol
 
 import msfast
 from msfast import _ops
@@ -32,15 +32,8 @@ PYRAMID_KW = [{"mode": "bilinear"}, {"mode": "bilinear", "antialias": True}, {"m
 
 def _small_and_rows(fn):
     """(fn() on the small-plane path, fn() row by row, small-plane jobs run by the first)."""
-    before = _ops._C._small_plane_jobs()
-    fast = fn()
-    jobs = _ops._C._small_plane_jobs() - before
-    _ops._C._set_cpu_runner("no-small")
-    try:
-        slow = fn()
-        assert _ops._C._small_plane_jobs() == before + jobs
-    finally:
-        _ops._C._set_cpu_runner("native")
+    fast, slow, jobs, jobs_rows = native_and("no-small", fn, _ops._C._small_plane_jobs)
+    assert jobs_rows == 0
     return fast, slow, jobs
 
 
@@ -142,14 +135,8 @@ def test_a_plane_with_a_non_finite_value_takes_the_rows(bad, gen):
     feats = [randn(gen, 2, 6, 2, 2), randn(gen, 2, 4, 1, 3)]
     feats[0][1, 3, 0, 1] = bad
     feats[1][0, 2, 0, 0] = bad
-    before = _ops._C._small_plane_jobs()
-    out = msfast.upsample_concat(feats, (5, 7))
-    assert _ops._C._small_plane_jobs() == before + 2
-    _ops._C._set_cpu_runner("no-small")
-    try:
-        rows = msfast.upsample_concat(feats, (5, 7))
-    finally:
-        _ops._C._set_cpu_runner("native")
+    out, rows, jobs = _small_and_rows(lambda: msfast.upsample_concat(feats, (5, 7)))
+    assert jobs == 2
     for n, c in [(1, 3), (0, 6 + 2)]:  # the two planes with the value: the rows' exact bits
         assert torch.equal(out[n, c].isnan(), rows[n, c].isnan())
         assert torch.equal(out[n, c].nan_to_num(), rows[n, c].nan_to_num())

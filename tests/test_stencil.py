@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GRAD_TOL, randn, ref_pyramid, ref_upsample_concat, tol
+from conftest import GRAD_TOL, native_and, randn, ref_pyramid, ref_upsample_concat, tol
 
 import msfast
 from msfast import _ops
@@ -43,14 +43,7 @@ def _kw(mode, aa):
 
 def _both(fn):
     """(fn() with the stencil, fn() with the gather only, stencil terms planned by the first)."""
-    before = _ops._C._stencil_terms()
-    fast = fn()
-    planned = _ops._C._stencil_terms() - before
-    _ops._C._set_cpu_runner("no-stencil")
-    try:
-        slow = fn()
-    finally:
-        _ops._C._set_cpu_runner("native")
+    fast, slow, planned, _ = native_and("no-stencil", fn, _ops._C._stencil_terms)
     return fast, slow, planned
 
 
