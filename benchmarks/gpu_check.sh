@@ -7,7 +7,9 @@
 #   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
 #   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
 #   profile.txt      torch.profiler tables: host and kernel time (benchmarks/gpu_profile.py)
-# to OUTDIR, in about 6 minutes on an H100 machine (16 cores).
+# to OUTDIR, in about 6 minutes on an H100 machine (16 cores). The benchmarks and the profile run
+# before the tests, so that a run cut short still measures; TESTS_S, BENCH_S, PROFILE_S and
+# COMPILE_S (seconds) bound each step.
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then commit the JSONs as benchmarks/results/<device>*.json (they name the GPU, the date, the
 # torch version and the commit). A copy of the tree without .git: pass the commit in, e.g.
@@ -34,17 +36,17 @@ $PY -m msfast info --json | tee "$OUT/info.json"
 # The CUDA kernels are opt-in until this check has passed on a GPU (msfast/_ops.py).
 export MSFAST_CUDA_KERNELS=1
 t=$(date +%s)
-timeout 240 $PY -m pytest -q -m cuda tests -p no:cacheprovider --maxfail=50 --tb=short -rfE \
+timeout ${BENCH_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --reps 15 --no-compile --out "$OUT"
+echo "bench rc=$? in $(( $(date +%s) - t )) s"
+t=$(date +%s)
+timeout ${PROFILE_S:-90} $PY benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
+echo "profile rc=$? in $(( $(date +%s) - t )) s (profile.txt)"
+t=$(date +%s)
+timeout ${TESTS_S:-240} $PY -m pytest -q -m cuda tests -p no:cacheprovider --maxfail=50 --tb=short -rfE \
   --junitxml "$OUT/tests.xml"
 echo "cuda tests rc=$? in $(( $(date +%s) - t )) s"
 t=$(date +%s)
-timeout 150 $PY -m msfast bench --device cuda --dtypes float32 --reps 15 --no-compile --out "$OUT"
-echo "bench rc=$? in $(( $(date +%s) - t )) s"
-t=$(date +%s)
-timeout 150 $PY -m msfast bench --device cuda --dtypes float32 --cases fpn_concat,pyramid_n1 --layouts nchw \
+timeout ${COMPILE_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --cases fpn_concat,pyramid_n1 --layouts nchw \
   --reps 15 --out "$OUT/compile"
 echo "bench with torch.compile rc=$? in $(( $(date +%s) - t )) s"
-t=$(date +%s)
-timeout 90 $PY benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
-echo "profile rc=$? in $(( $(date +%s) - t )) s (profile.txt)"
 echo "total $(( $(date +%s) - start )) s"
