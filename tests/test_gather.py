@@ -2,8 +2,8 @@
 
 csrc/msfast/gather.h holds what each CUDA thread computes (gather_item) and gather_plan.h the
 descriptors and tables the CUDA launcher uploads. ``msfast._C._set_cpu_runner("gather")`` makes
-CPU calls run that same code item by item, so these tests check the CUDA path's indexing, tails,
-vector stores, channel slices, affine and 32/64-bit index variants against the reference on a
+CPU calls run that same code item by item, so these tests check the CUDA path's indexing, plane
+groups and their partial tails, channel slices, affine and 32/64-bit index variants against the reference on a
 machine without a GPU. ("gather64" forces the 64-bit index path that only tensors past 2^31
 elements would take on a GPU.)
 """
@@ -26,7 +26,7 @@ PYRAMID_COMBOS = [
 ]
 CONCAT_COMBOS = [("bilinear", False), ("bilinear", True), ("bicubic", None), ("nearest", None),
                  ("nearest-exact", None)]
-# W = 23 and 13: runs that end in a partial chunk; W = 48 and 40: whole chunks (vector stores).
+# N * C = 6, 10, 6, 16 planes: groups of four planes (gather.h) with and without a partial last group.
 SHAPE = (2, 3, 17, 23)
 SCALES = [1.0, 0.5, 1.7, 0.3]
 FEATURES = [(5, 8, 13), (3, 4, 7), (8, 20, 48)]

@@ -1,14 +1,18 @@
-// The CUDA kernel's arithmetic, host+device: how one work item (kVec consecutive outputs of
-// one output run) is computed from the job descriptors and the tap tables. The CUDA kernel
+// The CUDA kernel's arithmetic, host+device: how one work item (one output position in up to
+// kPlanes planes) is computed from the job descriptors and the tap tables. The CUDA kernel
 // (csrc/cuda/resample_cuda.cu) calls gather_item for its items; the CPU backend can run the
 // very same function over all items (csrc/cpu/gather_cpu.cpp, msfast._C._set_cpu_runner), so
 // CPU-only CI checks the CUDA path's indexing, descriptors and tables against the reference.
 //
-// Work items: item = ((plane * H + oy) * mid + m) * chunks + chunk. A run of `inner`
-// contiguous output values is cut into chunks of kVec: NCHW, a run is an output row
-// (inner = W, mid = 1); channels_last, the C channels of pixel m (inner = C, mid = W). A
-// thread computes a chunk's kVec values together: the index arithmetic and vertical taps are
-// shared, and the store can be one aligned vector store.
+// Work items: item = group * S + s, where s runs over the S = H * W * inner values of one
+// plane (NCHW: a plane is an image's channel, inner = 1; channels_last: a plane is an image,
+// inner = C, so s = (oy * W + ox) * C + c) and group over kPlanes consecutive planes. So the
+// 32 threads of a warp take 32 consecutive values of the same planes: every load and store
+// of a warp is one contiguous run (the first GPU run, with 4 consecutive values per thread,
+// spent its time on uncoalesced loads of tables and inputs). A thread reads its position's
+// tables (start, weights) once for its kPlanes planes, which the sums share.
+// Tables are tap-major (weight k of output o at k * out + o), so that a warp's weight loads
+// are contiguous too.
 //
 // Index type I: int32_t when every offset of the call fits (the common case: 32-bit
 // arithmetic and multiply-shift division are several times cheaper on a GPU than 64-bit),
@@ -23,7 +27,7 @@
 
 namespace msfast {
 
-constexpr int kVec = 4;
+constexpr int kPlanes = 4;
 
 template <typename U>
 struct QuotRem {
@@ -79,8 +83,9 @@ template <typename I>
 struct GJob {
   void* dst;
   I s_outer, s_inner, row, px;
-  Divider<I> chunks, mid, H, pdiv;
-  std::make_unsigned_t<I> inner, first_item;  // first_item: prefix sum of items over jobs
+  Divider<I> spatial, inner, W, pdiv;  // S = H * W * inner; inner = C (channels_last) or 1
+  I H, planes;
+  std::make_unsigned_t<I> first_item;  // prefix sum of items over jobs
   int32_t first_term, n_terms;
   I affine;  // offset of scale[C], shift[C] in weights[], or -1
   I channels;
@@ -96,12 +101,9 @@ MSFAST_HD T load_table(const T* p) {
 #endif
 }
 
-template <typename T>
-struct alignas(sizeof(T) * kVec) Packed {
-  T v[kVec];
-};
-
-// Computes and stores the kVec (or fewer, at a run's end) outputs of one work item.
+// Computes and stores one output value in each of up to kPlanes planes. Each value is
+// sum over terms of sum_ky wy * (sum_kx wx * src), in that order: the same arithmetic for
+// every plane, thread count and grid.
 template <typename src_t, typename dst_t, typename acc_t, typename I>
 MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* terms, const int32_t* starts,
                            const acc_t* weights, std::make_unsigned_t<I> item) {
@@ -112,56 +114,63 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
     if (jobs[mid].first_item <= item) lo = mid; else hi = mid - 1;
   }
   const GJob<I>& j = jobs[lo];
-  const auto q = j.chunks.divmod(item - j.first_item);
-  const auto m = j.mid.divmod(q.div);
-  const auto y = j.H.divmod(m.div);
-  const auto p = j.pdiv.divmod(y.div);  // NCHW: (n, c); channels_last: (n, 0)
-  const I oy = static_cast<I>(y.mod), n = static_cast<I>(p.div), pc = static_cast<I>(p.mod);
-  const I px_cl = static_cast<I>(m.mod);  // channels_last: the output pixel of the run
-  const I i0 = static_cast<I>(q.mod) * kVec;
-  const I left = static_cast<I>(j.inner) - i0;
-  const int nv = left < kVec ? static_cast<int>(left) : kVec;
-  acc_t acc[kVec];
+  const auto g = j.spatial.divmod(item - j.first_item);
+  auto pix = g.mod;
+  I ch = 0;  // channels_last: the channel
+  if (j.cl) {
+    const auto c = j.inner.divmod(pix);
+    ch = static_cast<I>(c.mod);
+    pix = c.div;
+  }
+  const auto xy = j.W.divmod(pix);
+  const I ox = static_cast<I>(xy.mod), oy = static_cast<I>(xy.div), W = static_cast<I>(j.W.d);
+  // The group's planes as (image, channel); past the last plane a slot repeats it (valid
+  // reads, no store), so the loops below need no bounds.
+  const I p0 = static_cast<I>(g.div) * kPlanes;
+  const int np = j.planes - p0 < kPlanes ? static_cast<int>(j.planes - p0) : kPlanes;
+  I pn[kPlanes], pc[kPlanes];
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) acc[v] = acc_t(0);
+  for (int p = 0; p < kPlanes; ++p) {
+    const auto q = j.pdiv.divmod(static_cast<std::make_unsigned_t<I>>(p < np ? p0 + p : p0 + np - 1));
+    pn[p] = static_cast<I>(q.div);
+    pc[p] = static_cast<I>(q.mod);
+  }
+  acc_t acc[kPlanes];
+#pragma unroll
+  for (int p = 0; p < kPlanes; ++p) acc[p] = acc_t(0);
   for (int t = 0; t < j.n_terms; ++t) {
     const GTerm<I>& tm = terms[j.first_term + t];
-    const I y0 = load_table(starts + tm.ys + oy);
-    const acc_t* wy = weights + tm.yw + oy * tm.Ky;
-    const src_t* rows = static_cast<const src_t*>(tm.src) + (n * tm.s_outer + pc * tm.s_inner + y0 * tm.row);
+    const I y0 = load_table(starts + tm.ys + oy), x0 = load_table(starts + tm.xs + ox);
+    const src_t* src = static_cast<const src_t*>(tm.src) + (y0 * tm.row + x0 * tm.px + ch);
+    I poff[kPlanes];  // offsets, not pointers: half the registers
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      if (v < nv) {
-        const I ox = j.cl ? px_cl : i0 + v;
-        const I x0 = load_table(starts + tm.xs + ox);
-        const acc_t* wx = weights + tm.xw + ox * tm.Kx;
-        const src_t* s0 = rows + (x0 * tm.px + (j.cl ? i0 + v : I(0)));
-        for (int32_t ky = 0; ky < tm.Ky; ++ky) {
-          const src_t* r = s0 + ky * tm.row;
-          acc_t s = acc_t(0);
-          for (int32_t kx = 0; kx < tm.Kx; ++kx) s += load_table(wx + kx) * static_cast<acc_t>(r[kx * tm.px]);
-          acc[v] += load_table(wy + ky) * s;
-        }
+    for (int p = 0; p < kPlanes; ++p) poff[p] = pn[p] * tm.s_outer + pc[p] * tm.s_inner;
+    for (int32_t ky = 0; ky < tm.Ky; ++ky) {
+      const acc_t wy = load_table(weights + tm.yw + ky * j.H + oy);
+      acc_t s[kPlanes];
+#pragma unroll
+      for (int p = 0; p < kPlanes; ++p) s[p] = acc_t(0);
+      for (int32_t kx = 0; kx < tm.Kx; ++kx) {
+        const acc_t wx = load_table(weights + tm.xw + kx * W + ox);
+        const I off = ky * tm.row + kx * tm.px;
+#pragma unroll
+        for (int p = 0; p < kPlanes; ++p) s[p] += wx * static_cast<acc_t>(src[poff[p] + off]);
       }
+#pragma unroll
+      for (int p = 0; p < kPlanes; ++p) acc[p] += wy * s[p];
     }
   }
-  if (j.affine >= 0) {
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      const I c = j.cl ? i0 + v : pc;
-      if (v < nv) acc[v] = acc[v] * load_table(weights + j.affine + c) + load_table(weights + j.affine + j.channels + c);
+  for (int p = 0; p < kPlanes; ++p) {
+    if (p < np) {
+      acc_t v = acc[p];
+      if (j.affine >= 0) {
+        const I c = j.cl ? ch : pc[p];
+        v = v * load_table(weights + j.affine + c) + load_table(weights + j.affine + j.channels + c);
+      }
+      static_cast<dst_t*>(j.dst)[pn[p] * j.s_outer + pc[p] * j.s_inner + oy * j.row + ox * j.px + ch] =
+          static_cast<dst_t>(v);
     }
-  }
-  dst_t* out = static_cast<dst_t*>(j.dst) + (n * j.s_outer + pc * j.s_inner + oy * j.row + (j.cl ? px_cl * j.px : I(0)) + i0);
-  if (nv == kVec && reinterpret_cast<uintptr_t>(out) % sizeof(Packed<dst_t>) == 0) {
-    Packed<dst_t> pk;
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) pk.v[v] = static_cast<dst_t>(acc[v]);
-    *reinterpret_cast<Packed<dst_t>*>(out) = pk;
-  } else {
-#pragma unroll
-    for (int v = 0; v < kVec; ++v)
-      if (v < nv) out[v] = static_cast<dst_t>(acc[v]);
   }
 }
 

@@ -24,10 +24,9 @@ struct GatherPlan {
   int64_t total = 0;  // work items
 };
 
-// Work items of a destination: kVec-value chunks of its output runs.
+// Work items of a destination: one per output position and group of kPlanes planes.
 inline int64_t job_items(const View& dv) {
-  const int64_t inner = dv.cl ? dv.cp : dv.W, mid = dv.cl ? dv.W : 1;
-  return dv.planes * dv.H * mid * ((inner + kVec - 1) / kVec);
+  return (dv.planes + kPlanes - 1) / kPlanes * dv.H * dv.W * (dv.cl ? dv.cp : 1);
 }
 
 // The largest element offset a tensor's strides reach from its data pointer.
@@ -78,25 +77,29 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
   using U = std::make_unsigned_t<I>;
   GatherPlan<acc_t, I> g;
   auto div = [](int64_t d) { return Divider<I>(static_cast<U>(std::max<int64_t>(d, 1))); };
+  // Weights go in tap-major (gather.h: a warp's loads of one tap are then contiguous).
   auto put = [&](const Table<acc_t>& t, I& s, I& w) {
     s = static_cast<I>(g.starts.size());
     for (int64_t v : t.start) g.starts.push_back(static_cast<int32_t>(v));
     w = static_cast<I>(g.weights.size());
-    g.weights.insert(g.weights.end(), t.w.begin(), t.w.end());
+    g.weights.resize(g.weights.size() + t.w.size());
+    for (int64_t o = 0; o < t.out; ++o)
+      for (int64_t k = 0; k < t.K; ++k) g.weights[w + k * t.out + o] = t.w[o * t.K + k];
   };
   for (const auto& job : jobs) {
     const View dv = make_view(job.dst, job.channels_last);
     const int64_t items = job_items(dv);
     if (items == 0) continue;
-    const int64_t inner = dv.cl ? dv.cp : dv.W, mid = dv.cl ? dv.W : 1;
+    const int64_t inner = dv.cl ? dv.cp : 1;
     GJob<I> gj;
     gj.dst = job.dst.data_ptr();
     put_strides<I>(gj, dv);
-    gj.chunks = div((inner + kVec - 1) / kVec);
-    gj.mid = div(mid);
-    gj.H = div(dv.H);
+    gj.spatial = div(dv.H * dv.W * inner);
+    gj.inner = div(inner);
+    gj.W = div(dv.W);
     gj.pdiv = div(dv.pdiv);
-    gj.inner = static_cast<U>(inner);
+    gj.H = static_cast<I>(dv.H);
+    gj.planes = static_cast<I>(dv.planes);
     gj.first_item = static_cast<U>(g.total);
     gj.first_term = static_cast<int32_t>(g.terms.size());
     gj.n_terms = static_cast<int32_t>(job.terms.size());
