@@ -37,8 +37,12 @@ def _step(x, feats, mode, gen_seed, impl=msfast):
 
 
 def _reference_step(x, feats, mode, seed):
-    x = x.detach().requires_grad_()
-    feats = [f.detach().requires_grad_() for f in feats]
+    """The reference on CPU copies: for these sizes ATen's CUDA nearest backward is not the
+    adjoint of its own forward (an H200 run, thread 3: the forward outputs equal, x's gradient
+    11.04 off at row 89 of the 104x120 input, where msfast's CUDA and CPU kernels and ATen's
+    CPU kernels agree to 2e-6)."""
+    x = x.detach().cpu().requires_grad_()
+    feats = [f.detach().cpu().requires_grad_() for f in feats]
 
     class Ref:  # the reference path, with conftest's float32 fallbacks
         pyramid = staticmethod(ref_pyramid)
@@ -54,9 +58,9 @@ def test_concurrent_calls_match_single_threaded(device, gen):
         outs, grads = alone[i]
         want_outs, want_grads = _reference_step(x, feats, MODES[i], i)
         for a, b in zip(outs, want_outs):
-            torch.testing.assert_close(a, b, **tol(torch.float32, upscale=True))
+            torch.testing.assert_close(a.cpu(), b, **tol(torch.float32, upscale=True))
         for a, b in zip(grads, want_grads):
-            torch.testing.assert_close(a, b, **GRAD_TOL)
+            torch.testing.assert_close(a.cpu(), b, **GRAD_TOL)
 
     start = threading.Barrier(THREADS)
     failures = []

@@ -101,6 +101,36 @@ MSFAST_HD T load_table(const T* p) {
 #endif
 }
 
+// Adds one term to the sums of the group's planes: sum_ky wy * (sum_kx wx * src). KY, KX: the
+// tap counts where known at compile time (1 and 2: copies, nearest, bilinear upsampling; the
+// loops unroll and each weight is loaded once), 0 where read from the term (any count).
+template <int KY, int KX, typename src_t, typename acc_t, typename I>
+MSFAST_HD void add_term(acc_t (&acc)[kPlanes], const GTerm<I>& tm, const I (&pn)[kPlanes], const I (&pc)[kPlanes],
+                        const int32_t* starts, const acc_t* weights, I oy, I ox, I ch, I H, I W) {
+  const int32_t ky_n = KY ? KY : tm.Ky, kx_n = KX ? KX : tm.Kx;
+  const I y0 = load_table(starts + tm.ys + oy), x0 = load_table(starts + tm.xs + ox);
+  const src_t* src = static_cast<const src_t*>(tm.src) + (y0 * tm.row + x0 * tm.px + ch);
+  I poff[kPlanes];  // offsets, not pointers: half the registers
+#pragma unroll
+  for (int p = 0; p < kPlanes; ++p) poff[p] = pn[p] * tm.s_outer + pc[p] * tm.s_inner;
+#pragma unroll
+  for (int32_t ky = 0; ky < ky_n; ++ky) {
+    const acc_t wy = load_table(weights + tm.yw + ky * H + oy);
+    acc_t s[kPlanes];
+#pragma unroll
+    for (int p = 0; p < kPlanes; ++p) s[p] = acc_t(0);
+#pragma unroll
+    for (int32_t kx = 0; kx < kx_n; ++kx) {
+      const acc_t wx = load_table(weights + tm.xw + kx * W + ox);
+      const I off = ky * tm.row + kx * tm.px;
+#pragma unroll
+      for (int p = 0; p < kPlanes; ++p) s[p] += wx * static_cast<acc_t>(src[poff[p] + off]);
+    }
+#pragma unroll
+    for (int p = 0; p < kPlanes; ++p) acc[p] += wy * s[p];
+  }
+}
+
 // Computes and stores one output value in each of up to kPlanes planes. Each value is
 // sum over terms of sum_ky wy * (sum_kx wx * src), in that order: the same arithmetic for
 // every plane, thread count and grid.
@@ -140,25 +170,12 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
   for (int p = 0; p < kPlanes; ++p) acc[p] = acc_t(0);
   for (int t = 0; t < j.n_terms; ++t) {
     const GTerm<I>& tm = terms[j.first_term + t];
-    const I y0 = load_table(starts + tm.ys + oy), x0 = load_table(starts + tm.xs + ox);
-    const src_t* src = static_cast<const src_t*>(tm.src) + (y0 * tm.row + x0 * tm.px + ch);
-    I poff[kPlanes];  // offsets, not pointers: half the registers
-#pragma unroll
-    for (int p = 0; p < kPlanes; ++p) poff[p] = pn[p] * tm.s_outer + pc[p] * tm.s_inner;
-    for (int32_t ky = 0; ky < tm.Ky; ++ky) {
-      const acc_t wy = load_table(weights + tm.yw + ky * j.H + oy);
-      acc_t s[kPlanes];
-#pragma unroll
-      for (int p = 0; p < kPlanes; ++p) s[p] = acc_t(0);
-      for (int32_t kx = 0; kx < tm.Kx; ++kx) {
-        const acc_t wx = load_table(weights + tm.xw + kx * W + ox);
-        const I off = ky * tm.row + kx * tm.px;
-#pragma unroll
-        for (int p = 0; p < kPlanes; ++p) s[p] += wx * static_cast<acc_t>(src[poff[p] + off]);
-      }
-#pragma unroll
-      for (int p = 0; p < kPlanes; ++p) acc[p] += wy * s[p];
-    }
+    if (tm.Ky == 1 && tm.Kx == 1)
+      add_term<1, 1, src_t>(acc, tm, pn, pc, starts, weights, oy, ox, ch, j.H, W);
+    else if (tm.Ky == 2 && tm.Kx == 2)
+      add_term<2, 2, src_t>(acc, tm, pn, pc, starts, weights, oy, ox, ch, j.H, W);
+    else
+      add_term<0, 0, src_t>(acc, tm, pn, pc, starts, weights, oy, ox, ch, j.H, W);
   }
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p) {
