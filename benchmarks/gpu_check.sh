@@ -7,9 +7,9 @@
 #   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
 #   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
 #   profile.txt      torch.profiler tables: host and kernel time (benchmarks/gpu_profile.py)
-# to OUTDIR, in about 6 minutes on an H100 machine (16 cores). The benchmarks and the profile run
-# before the tests, so that a run cut short still measures; TESTS_S, BENCH_S, PROFILE_S and
-# COMPILE_S (seconds) bound each step.
+# to OUTDIR, in about 3.5 minutes on an H200 machine (16 cores; the build takes 1.5). The
+# benchmarks and the profile run before the tests, so that a run cut short still measures;
+# TESTS_S, BENCH_S, PROFILE_S and COMPILE_S (seconds) bound each step.
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then commit the JSONs as benchmarks/results/<device>*.json (they name the GPU, the date, the
 # torch version and the commit). A copy of the tree without .git: pass the commit in, e.g.
@@ -33,7 +33,7 @@ start=$(date +%s)
 $PY -m pip install --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
 echo "build took $(( $(date +%s) - start )) s"
 $PY -m msfast info --json | tee "$OUT/info.json"
-# The CUDA kernels are opt-in until this check has passed on a GPU (msfast/_ops.py).
+# The kernels, even where msfast/_ops.py has them off (CUDA_KERNELS_VALIDATED).
 export MSFAST_CUDA_KERNELS=1
 t=$(date +%s)
 timeout ${BENCH_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --reps 15 --no-compile --out "$OUT"

@@ -47,11 +47,12 @@ def fallback_reason() -> str | None:
     return _LOAD_ERROR
 
 
-# The CUDA kernels compile and share their index math with the CPU kernels, but have not yet
-# been run on a GPU (no GPU was available when they were written). Until a GPU run of the
-# test suite validates them, msfast.* routes CUDA tensors to the reference path unless
-# MSFAST_CUDA_KERNELS=1 is set; torch.ops.msfast.* always reaches them.
-CUDA_KERNELS_VALIDATED = False
+# The CUDA kernels passed the whole CUDA test suite on an H200 at 8075f79
+# (benchmarks/results/nvidia-h200-8075f79.json), so msfast.* uses them by default;
+# MSFAST_CUDA_KERNELS=0 sends CUDA tensors to the reference path instead (torch.ops.msfast.*
+# always reaches the kernels). Set this back to False if a change to the CUDA path cannot be
+# run on a GPU before it lands.
+CUDA_KERNELS_VALIDATED = True
 
 
 def cuda_kernels_enabled() -> bool:
@@ -96,7 +97,8 @@ def _use_kernels(device: torch.device) -> bool:
         _warned_devices.add(device.type)
         why = "in this build"
         if device.type == "cuda" and _CUDA_BUILT:
-            why = "enabled (set MSFAST_CUDA_KERNELS=1 to use the compiled, not yet GPU-validated kernels)"
+            why = "enabled (MSFAST_CUDA_KERNELS=0 is set)" if CUDA_KERNELS_VALIDATED else (
+                "enabled (set MSFAST_CUDA_KERNELS=1 to use the compiled, not yet GPU-validated kernels)")
         warnings.warn(
             f"msfast: no compiled kernels for device type '{device.type}' {why}; "
             "using the pure-PyTorch reference path there",

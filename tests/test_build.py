@@ -35,6 +35,8 @@ def test_info_lists_kernels():
 
 
 def test_cuda_gate(monkeypatch):
+    monkeypatch.delenv("MSFAST_CUDA_KERNELS", raising=False)
+    assert msfast.kernels_available("cuda") == (bool(_ops._C.cuda_built()) and _ops.CUDA_KERNELS_VALIDATED)
     monkeypatch.setenv("MSFAST_CUDA_KERNELS", "0")
     assert not msfast.kernels_available("cuda")
     monkeypatch.setenv("MSFAST_CUDA_KERNELS", "1")
