@@ -2,10 +2,9 @@
 // is gather_item (msfast/gather.h, host+device): one thread computes one output position in
 // kPlanes planes as sum_ky wy * sum_kx wx * src in a fixed order, from the CPU's tap tables
 // (built once per call on the host, msfast/gather_plan.h) copied with the job descriptors in
-// one transfer. A
-// backward (transposed tables) is a gather with no atomics, bitwise deterministic. The CPU
-// tests run gather_item too (csrc/cpu/gather_cpu.cpp), so what is left to this file is the
-// launch: the upload, the descriptors in shared memory, the grid.
+// one transfer. A backward (transposed tables) is a gather with no atomics, bitwise
+// deterministic. The CPU tests run gather_item too (csrc/cpu/gather_cpu.cpp), so what is left
+// to this file is the launch: the upload, the descriptors in shared memory, the grid.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CachingHostAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
