@@ -3,7 +3,8 @@
 Environment switches (also listed in the README):
   MSFAST_CUDA=auto|1|0   auto (default): build the CUDA kernels when torch is a CUDA build and
                          nvcc is found (no GPU needed); 1: require them; 0: CPU only.
-  TORCH_CUDA_ARCH_LIST   GPU architectures to compile for (default here: "9.0").
+  TORCH_CUDA_ARCH_LIST   GPU architectures to compile for (default: those of the visible GPUs,
+                         else "9.0").
   MSFAST_DEBUG=1         -O0 -g, for debugging the kernels.
   MAX_JOBS               parallel compile jobs (ninja).
 """
@@ -19,6 +20,18 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "9.0"
+
+
+def _default_archs():
+    """The visible GPUs' architectures (as torch's own default), else DEFAULT_ARCHS on a machine
+    without a GPU (CI): one architecture keeps the build short."""
+    try:
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            return ";".join(f"{major}.{minor}" for major, minor in caps)
+    except Exception:  # a broken driver: build the default, the kernels are checked at run time
+        pass
+    return DEFAULT_ARCHS
 
 
 def _cuda_wanted():
@@ -57,7 +70,8 @@ def _extension():
         )
     sources = [s for s in sources if not s.endswith("no_cuda.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or _default_archs()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     # torch's CUDA headers include cuSPARSE/cuBLAS headers that some toolkits lack; the
     # CUDA build of torch ships them in site-packages/nvidia/cu*/include.
     for sp in site.getsitepackages() + [os.path.dirname(os.path.dirname(torch.__file__))]:

@@ -88,11 +88,57 @@ def empty_cache() -> None:
 
 
 _warned_devices = set()
+_CUDA_ARCHS = dict(_C.build_info())["cuda_archs"] if _CUDA_BUILT else ""
+_arch_ok: dict = {}  # CUDA device index -> whether the built kernels run on it
+
+
+def arch_runs_on(arch_list: str, capability: tuple) -> bool:
+    """Whether kernels built for ``arch_list`` (TORCH_CUDA_ARCH_LIST syntax, e.g. "8.0;9.0+PTX")
+    run on a GPU of compute ``capability`` (major, minor): machine code for X.Y runs on X.Z for
+    Z >= Y, arch-specific code (9.0a) only on that arch, PTX on any later arch. An entry not of
+    that form (an arch name) is taken to run, as nothing can be concluded from it. (Family
+    code, 10.0f, runs like machine code.)"""
+    for entry in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        ptx = entry.endswith("+PTX")
+        num = entry[: -len("+PTX")] if ptx else entry
+        specific = num.endswith("a")
+        try:
+            major, minor = (int(v) for v in num.rstrip("af").split("."))
+        except ValueError:
+            if entry:
+                return True
+            continue
+        if ptx and (major, minor) <= tuple(capability):
+            return True
+        if major == capability[0] and (minor == capability[1] if specific else minor <= capability[1]):
+            return True
+    return False
+
+
+def _cuda_arch_ok(device: torch.device) -> bool:
+    """Whether this build's CUDA kernels run on `device`, asked once per GPU. Not asked while
+    torch.compile traces (the answer cannot be traced; an eager call asks first in practice)."""
+    if torch.compiler.is_compiling():
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _arch_ok.get(index)
+    if ok is None:
+        cap = torch.cuda.get_device_capability(index)
+        ok = _arch_ok[index] = arch_runs_on(_CUDA_ARCHS, cap)
+        if not ok:
+            warnings.warn(
+                f"msfast: the CUDA kernels were built for TORCH_CUDA_ARCH_LIST={_CUDA_ARCHS!r}, which does not "
+                f"run on cuda:{index} (compute capability {cap[0]}.{cap[1]}); using the pure-PyTorch reference "
+                f"path there. Rebuild with TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]} to use the kernels.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return ok
 
 
 def _use_kernels(device: torch.device) -> bool:
     if kernels_available(device.type):
-        return True
+        return device.type != "cuda" or _cuda_arch_ok(device)
     if _C is not None and device.type not in _warned_devices:
         _warned_devices.add(device.type)
         why = "in this build"

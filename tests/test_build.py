@@ -52,3 +52,32 @@ def test_cuda_gate_is_traceable_by_torch_compile(flag, monkeypatch):
     fn = torch.compile(lambda x: x + float(msfast.kernels_available("cuda")), backend="eager", fullgraph=True)
     want = float(flag == "1" and _ops._C.cuda_built())
     torch.testing.assert_close(fn(torch.zeros(3)), torch.full((3,), want))
+
+
+@pytest.mark.parametrize(
+    "archs, capability, runs",
+    [
+        ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False), ("8.0", (8, 6), True),
+        ("8.6", (8, 0), False), ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("8.0+PTX", (9, 0), True),
+        ("9.0+PTX", (8, 9), False), ("7.5;8.0", (8, 9), True), ("7.5 8.6", (8, 0), False), ("10.0f", (10, 3), True),
+        ("Hopper", (8, 0), True),
+    ],
+)
+def test_arch_runs_on(archs, capability, runs):
+    assert _ops.arch_runs_on(archs, capability) is runs
+
+
+def test_cuda_kernels_not_used_on_a_gpu_they_were_not_built_for(monkeypatch):
+    """A build for 9.0 on an 8.0 GPU would fail at every launch ("no kernel image"): msfast.*
+    uses the reference path there instead, says so once, and asks each GPU once."""
+    monkeypatch.setattr(_ops, "kernels_available", lambda device_type: True)
+    monkeypatch.setattr(_ops, "_CUDA_ARCHS", "9.0")
+    monkeypatch.setattr(_ops, "_arch_ok", {})
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or {0: (8, 0), 1: (9, 0)}[i])
+    with pytest.warns(RuntimeWarning, match=r"cuda:0 \(compute capability 8\.0\).*TORCH_CUDA_ARCH_LIST=8\.0"):
+        assert not _ops._use_kernels(torch.device("cuda", 0))
+    assert not _ops._use_kernels(torch.device("cuda", 0))
+    assert _ops._use_kernels(torch.device("cuda", 1))
+    assert _ops._use_kernels(torch.device("cpu"))
+    assert asked == [0, 1]
