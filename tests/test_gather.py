@@ -3,9 +3,9 @@
 csrc/msfast/gather.h holds what each CUDA thread computes (gather_item) and gather_plan.h the
 descriptors and tables the CUDA launcher uploads. ``msfast._C._set_cpu_runner("gather")`` makes
 CPU calls run that same code item by item, so these tests check the CUDA path's indexing, plane
-groups and their partial tails, channel slices, affine and 32/64-bit index variants against the reference on a
-machine without a GPU. ("gather64" forces the 64-bit index path that only tensors past 2^31
-elements would take on a GPU.)
+groups and their partial tails, channel slices, affine and 32/64-bit index variants against the
+reference on a machine without a GPU. ("gather64" forces the 64-bit index path that only tensors
+past 2^31 elements would take on a GPU.)
 """
 
 from __future__ import annotations

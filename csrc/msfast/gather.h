@@ -103,7 +103,7 @@ MSFAST_HD T load_table(const T* p) {
 
 // Adds one term to the sums of the group's planes: sum_ky wy * (sum_kx wx * src). KY, KX: the
 // tap counts where known at compile time (1 and 2: copies, nearest, bilinear upsampling; the
-// loops unroll and each weight is loaded once), 0 where read from the term (any count).
+// loops unroll), 0 where read from the term (any count).
 template <int KY, int KX, typename src_t, typename acc_t, typename I>
 MSFAST_HD void add_term(acc_t (&acc)[kPlanes], const GTerm<I>& tm, const I (&pn)[kPlanes], const I (&pc)[kPlanes],
                         const int32_t* starts, const acc_t* weights, I oy, I ox, I ch, I H, I W) {
