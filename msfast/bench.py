@@ -12,6 +12,12 @@ run. The case definitions here are also what benchmarks/ (pytest-benchmark) runs
 The end-to-end case ``resnet_train_step`` times one training step (forward, backward, SGD
 update) of MultiScaleResNet-18 with ``backend="msfast"`` against the same model with
 ``backend="torch"``; it has no roofline and no torch.compile column (see COMPILE_SKIPPED).
+Its time is mostly the ResNet's convolutions, the same in both, so the report also gives the
+part of the step msfast replaces, measured with torch.profiler (see resample_ms).
+
+Every row keeps its repetitions' times, and an interval for its speed-up over eager: the
+repetitions are paired (eager, then msfast, a moment apart), and the interval is a bootstrap
+95% interval of the median of the paired ratios (see ratio_interval).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -65,6 +72,7 @@ class Prepared:
     bytes_bwd: int  # minimal bytes moved by the backward
     train: bool = False  # run_* are whole training steps (they do their own backward)
     compile_skipped: str | None = None  # why there is no torch.compile baseline
+    models: dict | None = None  # train: {"eager": model, "msfast": model}, for resample_ms
 
 
 def _nbytes(shape, dtype) -> int:
@@ -162,21 +170,27 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
 
 
 def _prepare_train_step(v: Variant, g, dev, dtype, fmt) -> Prepared:
-    """MultiScaleResNet-18 (width 64, torchvision's stem, scales 1, 0.5, 0.25, 10 classes) on
-    N=32 3x128x128 images: one SGD step per call, bfloat16 as autocast. The two backends run
-    copies of the same initial weights, each with its own optimizer."""
+    """One SGD step of MultiScaleResNet-18 (width 64, torchvision's stem, scales 1, 0.5, 0.25,
+    10 classes) as ``msfast train`` runs it: N=32 uint8 3x128x128 images (the permuted view of an
+    [N, H, W, C] batch, made NCHW-contiguous for the nchw layout), normalized with ImageNet's
+    mean and std inside the pyramid; bfloat16 as autocast. The two backends run copies of the
+    same initial weights, each with its own optimizer."""
     from .models import MultiScaleResNet
 
     n = 8 if v.quick else 32
     torch.manual_seed(0)
-    base = MultiScaleResNet(10, depth=18, width=64, stem="large", scales=(1.0, 0.5, 0.25)).to(dev, memory_format=fmt)
-    x = torch.randn(n, 3, 128, 128, generator=g).to(dev).contiguous(memory_format=fmt)
+    base = MultiScaleResNet(10, depth=18, width=64, stem="large", scales=(1.0, 0.5, 0.25), mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD).to(dev, memory_format=fmt)
+    img = torch.randint(0, 256, (n, 128, 128, 3), dtype=torch.uint8, generator=g)
+    x = img.to(dev).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (n,), generator=g).to(dev)
     amp = dtype != torch.float32
+    models = {}
 
     def make(backend):
         model = copy.deepcopy(base)
         model.backend = backend
+        models["eager" if backend == "torch" else backend] = model
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(x):
@@ -189,7 +203,59 @@ def _prepare_train_step(v: Variant, g, dev, dtype, fmt) -> Prepared:
             return loss
         return step
 
-    return Prepared([x], make("torch"), make("msfast"), None, 0, 0, train=True, compile_skipped=COMPILE_SKIPPED)
+    return Prepared([x], make("torch"), make("msfast"), None, 0, 0, train=True, compile_skipped=COMPILE_SKIPPED,
+                    models=models)
+
+
+# The autograd nodes of the resampling's backward: ATen's (UpsampleBilinear2DBackward0,
+# UpsampleBilinear2DAaBackward0, ..., CatBackward0) and msfast's (CppNode<msfast::...Fn>).
+_RESAMPLE_NODES = ("Upsample", "CatBackward", "msfast::")
+
+
+def resample_ms(step: Callable[[], None], model, device: str, calls: int = 2) -> float:
+    """Milliseconds per training step spent in the resampling msfast replaces: the forward of
+    the model's ``pyramid`` and ``concat`` modules (labelled with record_function for the
+    measurement) and the autograd nodes of their backward, from torch.profiler over `calls`
+    steps. Unlike the step's wall time, this does not move with the convolutions' noise. (Under
+    autocast the eager path's casts back to bfloat16 are not counted: in its favour.)"""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    mods = {name: getattr(model, name) for name in ("pyramid", "concat")}
+    for name, m in mods.items():
+        def labelled(*a, _f=m.forward, _n=name, **k):
+            with record_function(f"msfast.bench.{_n}"):
+                return _f(*a, **k)
+        m.forward = labelled
+    try:
+        step()
+        _sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                step()
+            _sync(device)
+    finally:
+        for m in mods.values():
+            del m.forward  # back to the class's forward
+    total_us = 0.0
+    for e in prof.events():
+        if e.name.startswith("msfast.bench.") or (e.name.startswith("autograd::engine::evaluate_function: ")
+                                                  and any(s in e.name for s in _RESAMPLE_NODES)):
+            total_us += e.cpu_time_total
+    return total_us / 1e3 / calls
+
+
+def ratio_interval(eager: list, ms: list, level: float = 0.95, resamples: int = 1000) -> list | None:
+    """A bootstrap interval of the median of eager[i] / ms[i] (repetitions timed a moment apart,
+    see time_interleaved): what the speed-up could be, given this run's noise. None below 3
+    pairs. Seeded: the same times give the same interval."""
+    r = [e / m for e, m in zip(eager, ms) if m > 0]
+    if len(r) < 3:
+        return None
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(resamples))
+    cut = int((1 - level) / 2 * resamples)
+    return [meds[cut], meds[resamples - 1 - cut]]
 
 
 def step_fn(p: Prepared, impl: Callable) -> Callable[[], None]:
@@ -407,8 +473,12 @@ def run(args) -> dict:
                 "speedup_vs_eager": eager / ms, "speedup_vs_compile": (comp / ms) if comp else None,
                 "bytes": nbytes, "roofline_ms": roof_ms, "roofline_share": roof_ms / ms if roof_ms else None,
             }
+            row["speedup_vs_eager_interval"] = ratio_interval(times[(v.dtype, "eager")], times[(v.dtype, "msfast")])
+            row["times_ms"] = {k: times[(v.dtype, k)] for k in ("eager", "compile", "msfast") if (v.dtype, k) in times}
             if p.compile_skipped:
                 row["compile_skipped"] = p.compile_skipped
+            if p.models:
+                row["resample_ms"] = {k: resample_ms(impls[(v.dtype, k)], p.models[k], device) for k in p.models}
             by_variant[id(v)] = row
             print(f" {v.dtype} {ms:.2f} ms ({row['speedup_vs_eager']:.1f}x eager)", end="", file=log)
         print(file=log, flush=True)
@@ -432,11 +502,26 @@ def format_table(result: dict) -> str:
     fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     out = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [fmt(row) for row in lines]
+    notes = [_train_note(r) for r in result["rows"] if r.get("resample_ms")]
+    if notes:
+        out.append("")
+        out += notes
     env = result["environment"]
     out.append(f"\n{env['device']}: {env['cpu'] if env['device'] == 'cpu' else env.get('gpu')}, {env['threads']} "
                f"threads, torch {env['torch']}, copy {env['copy_GBps']:.1f} GB/s, THP_MEM_ALLOC_ENABLE="
                f"{env['THP_MEM_ALLOC_ENABLE']}, medians of {result['reps']}, commit {env['commit']}")
     return "\n".join(out)
+
+
+def _train_note(r: dict) -> str:
+    """A training step's line under the table: its speed-up's interval, and the part of the
+    step msfast replaces (the rest is the same ResNet on both sides)."""
+    iv = r.get("speedup_vs_eager_interval")
+    iv = f" (95% interval {iv[0]:.2f}-{iv[1]:.2f}x)" if iv else ""
+    e, m = r["resample_ms"]["eager"], r["resample_ms"]["msfast"]
+    return (f"{r['case']} {r['dtype']} {r['layout']}: step {r['speedup_vs_eager']:.2f}x eager{iv}; "
+            f"its resampling {e:.2f} -> {m:.2f} ms per step ({e / m:.1f}x, profiler), of "
+            f"{r['eager_ms']:.0f} ms")
 
 
 def plot(result: dict, path: str) -> bool:

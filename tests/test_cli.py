@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 from conftest import REPO_ROOT
@@ -98,3 +100,49 @@ def test_bench_times_the_dtypes_of_a_case_together(capsys):
     assert all(r["msfast_ms"] > 0 and r["eager_ms"] > 0 and r["compile_ms"] is None for r in result["rows"])
     progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert len(progress) == 2 and all("float32" in line and "bfloat16" in line for line in progress)
+
+
+def test_bench_ratio_interval():
+    """The speed-up's interval: a bootstrap interval of the median of paired ratios, seeded,
+    around the paired median, and none below three pairs."""
+    from msfast import bench
+
+    eager = [10.0, 11.0, 9.0, 30.0, 10.5, 9.5, 10.2]
+    ms = [5.0, 5.0, 5.0, 5.0, 6.0, 4.0, 5.1]
+    lo, hi = bench.ratio_interval(eager, ms)
+    med = statistics.median(e / m for e, m in zip(eager, ms))
+    assert lo <= med <= hi and lo < hi
+    assert bench.ratio_interval(eager, ms) == [lo, hi]  # seeded
+    assert lo >= min(e / m for e, m in zip(eager, ms)) and hi <= max(e / m for e, m in zip(eager, ms))
+    assert bench.ratio_interval([1.0, 2.0], [1.0, 1.0]) is None
+    same = bench.ratio_interval([4.0] * 5, [2.0] * 5)
+    assert same == [2.0, 2.0]
+
+
+def test_bench_resample_ms_counts_only_the_resampling():
+    """resample_ms: the profiler's time in a model's pyramid and concat modules, forward and
+    backward, per step; the modules get their own forward back afterwards."""
+    from msfast import bench
+    from msfast.models import MultiScaleResNet
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for backend in ("torch", "msfast"):
+        model = MultiScaleResNet(3, depth=18, width=8, stem="small", scales=(1.0, 0.5), mean=[0.5] * 3,
+                                 std=[0.25] * 3, backend=backend)
+
+        def step(model=model):
+            model(x).sum().backward()
+
+        step()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            step()
+        step_ms = (time.perf_counter() - t0) * 1e3 / 2
+        ms = bench.resample_ms(step, model, "cpu", calls=2)
+        assert 0 < ms < step_ms, (backend, ms, step_ms)  # a part of the step, not none of it
+        assert "forward" not in model.pyramid.__dict__ and "forward" not in model.concat.__dict__
+        # the labels are gone: a fresh profile of the step has no msfast.bench range
+        with torch.profiler.profile() as prof:
+            step()
+        assert not any(e.name.startswith("msfast.bench.") for e in prof.events())
