@@ -263,3 +263,27 @@ def test_copied_features_in_runs_of_planes(where, gen):
         assert torch.equal(out[:, :600], f)
         torch.testing.assert_close(out[:, 600:], ref_upsample_concat([small], (4, 4)), **tol(torch.float32))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("specs,size", [
+    ([(6, 40, 40)], (80, 80)),  # 40 source rows: more than one block of 32 (run_rows2_nchw)
+    ([(5, 45, 30), (3, 7, 7)], (100, 70)),  # fractional vertical factor, two features
+    ([(600, 20, 20)], (41, 41)),  # 600 planes: tasks' chunks of rows end inside planes
+], ids=["2x-40rows", "frac", "chunks"])
+def test_nchw_bilinear_upscale_rows_in_blocks(specs, size, dtype, gen):
+    """NCHW bilinear upscales blend output rows from blocks of horizontally resampled source
+    rows: blocks of up to 32 source rows, cut inside planes by the blocks and by the chunks of
+    rows tasks take. Values match the reference, and do not depend on the thread count."""
+    feats = _features(gen, dtype, "cpu", "nchw", specs=specs)
+    want = ref_upsample_concat(feats, size, mode="bilinear")
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(msfast.upsample_concat(feats, size, mode="bilinear"))
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(outs[0], want, **tol(dtype, upscale=True))
+    assert torch.equal(outs[0], outs[1])

@@ -929,6 +929,7 @@ struct RowMaker {
   std::vector<acc_t> tmp;    // one source row in acc_t, packed
   std::vector<acc_t> ring;   // h_first: tp.ring horizontally resampled source rows
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
+  std::vector<acc_t> block;  // run_rows2_nchw: a block of source rows resampled horizontally
 
   // A source row as a packed acc_t row: the row itself when it is one already (a float
   // NCHW row: copying it cost 8% of fpn_concat's forward), else converted into tmp.
@@ -1042,28 +1043,79 @@ struct RowMaker {
   template <typename dst_t>
   void run_rows2(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, int64_t oy_end, dst_t* out,
                  const View& d, bool stream) {
-    const Row ro = row_of(d);
-    const int64_t* start = tp.th.start.data();
-    const Row rr = packed_row(ro.W, tp.v.cp);
-    const acc_t* w = tp.th.w.data();
+    const View& v = tp.v;
+    if (v.cp == 1 && v.row == v.W && v.H > 0) return run_rows2_nchw(tp, plane, oy, oy_end, out, d, stream);
     while (oy < oy_end) {
       fill_ring(tp, plane, oy);
-      const int64_t y0 = start[oy];
-      const acc_t *a = ring_row(tp, y0, 0), *b = ring_row(tp, y0 + 1, 0);
-#if MSFAST_CPU_AVX2
-      if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
-        if (!stream && ro.packed()) {
-          int64_t e = oy;
-          while (e < oy_end && start[e] == y0) ++e;
-          blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + oy * d.row, d.row);
-          oy = e;
-          continue;
-        }
-      }
-#endif
-      for (; oy < oy_end && start[oy] == y0; ++oy)
-        axpy2<false>(a, b, rr, w[2 * oy], w[2 * oy + 1], out + oy * d.row, ro, stream);
+      const int64_t y0 = tp.th.start[oy];
+      oy = blend_rows2(tp, ring_row(tp, y0, 0), ring_row(tp, y0 + 1, 0), oy, oy_end, out, d, stream);
     }
+  }
+
+  // run_rows2 for packed NCHW planes: the source rows that rows oy .. oy_end - 1 read, up to
+  // kRows2Block at a time, are widened to acc_t in one pass and resampled horizontally one
+  // after the other into `block`, and the output rows blend those. The ring's bookkeeping per
+  // source row (a tag test and a short row's widening each) cost as much as the horizontal
+  // pass for fpn_concat's 2x and 4x NCHW parts. The same operations on the same values as
+  // the ring, so the same results.
+  template <typename dst_t>
+  void run_rows2_nchw(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, int64_t oy_end, dst_t* out,
+                      const View& d, bool stream) {
+    constexpr int64_t kRows2Block = 32;
+    const View& v = tp.v;
+    const int64_t* start = tp.th.start.data();
+    const int64_t n = tp.tw.out;
+    while (oy < oy_end) {
+      // Output rows oy .. e - 1 read source rows lo .. hi (K = 2: start[r] and start[r] + 1).
+      int64_t lo = start[oy], hi = lo + 1, e = oy + 1;
+      for (; e < oy_end; ++e) {
+        const int64_t l = std::min(lo, start[e]), h = std::max(hi, start[e] + 1);
+        if (h - l + 1 > kRows2Block) break;
+        lo = l, hi = h;
+      }
+      const int64_t rows = hi - lo + 1;
+      const src_t* s = plane + lo * v.row;
+      const acc_t* src;
+      if constexpr (std::is_same_v<src_t, acc_t>) {
+        src = s;
+      } else {
+        if (static_cast<int64_t>(tmp.size()) < rows * v.W) tmp.resize(rows * v.W);
+        acc_t* __restrict__ t = tmp.data();
+        for (int64_t i = 0; i < rows * v.W; ++i) t[i] = to_acc<acc_t>(s[i]);
+        src = t;
+      }
+      if (static_cast<int64_t>(block.size()) < rows * n) block.resize(rows * n);
+      for (int64_t r = 0; r < rows; ++r) horizontal(tp, src + r * v.W, false, block.data() + r * n, packed_row(n, 1));
+      while (oy < e) {
+        const acc_t* a = block.data() + (start[oy] - lo) * n;
+        oy = blend_rows2(tp, a, a + n, oy, e, out, d, stream);
+      }
+    }
+  }
+
+  // Output rows from oy on that read source rows start[oy] and start[oy] + 1 (resampled
+  // horizontally: a, b), before oy_end; returns the first row after them.
+  template <typename dst_t>
+  MSFAST_INLINE int64_t blend_rows2(const TermPlan<acc_t>& tp, const acc_t* a, const acc_t* b, int64_t oy,
+                                    int64_t oy_end, dst_t* out, const View& d, bool stream) const {
+    const Row ro = row_of(d);
+    const int64_t* start = tp.th.start.data();
+    const acc_t* w = tp.th.w.data();
+    const int64_t y0 = start[oy];
+#if MSFAST_CPU_AVX2
+    if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+      if (!stream && ro.packed()) {
+        int64_t e = oy;
+        while (e < oy_end && start[e] == y0) ++e;
+        blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + oy * d.row, d.row);
+        return e;
+      }
+    }
+#endif
+    const Row rr = packed_row(ro.W, tp.v.cp);
+    for (; oy < oy_end && start[oy] == y0; ++oy)
+      axpy2<false>(a, b, rr, w[2 * oy], w[2 * oy + 1], out + oy * d.row, ro, stream);
+    return oy;
   }
 
   // A new plane: the ring's rows belong to the previous one.
