@@ -100,7 +100,7 @@ struct TermPlan {
   std::vector<acc_t> wk;
   Stencil<acc_t> sten;  // the repeating interior of tw, if any (NCHW only)
   // AVX2 float NCHW rows whose every 8 consecutive outputs read within 8 consecutive inputs
-  // (upscaling; see window_row): per group of 8 outputs the first of those inputs, and each
+  // (upscaling; see window_rows): per group of 8 outputs the first of those inputs, and each
   // output's first tap among them. Empty where the table does not fit.
   std::vector<int32_t> win_base, win_idx;
   // AVX2 float NCHW rows of 8 taps or more with no stencil (the 8x upscale's adjoint, large
@@ -117,7 +117,7 @@ struct TermPlan {
   std::vector<int32_t> dense_lo, dense_hi;
 };
 
-// Plans window_row for a table, when every group of 8 outputs fits in a window of 8 inputs.
+// Plans window_rows for a table, when every group of 8 outputs fits in a window of 8 inputs.
 template <typename acc_t>
 void plan_window(TermPlan<acc_t>& tp) {
   const Table<acc_t>& t = tp.tw;
@@ -754,12 +754,15 @@ void horizontal_gather(const acc_t* __restrict__ tmp, const TermPlan<acc_t>& tp,
 }
 
 #if MSFAST_CPU_AVX2
-// Outputs 0 .. 8 * groups - 1 of an NCHW row whose groups of 8 outputs read within 8
-// consecutive inputs (plan_window): one load of those inputs per group, and per tap a lane
-// permute instead of a gather (AVX2 gathers are slow on AMD; the stencil of an 8x upscale
-// had to assemble each vector from scalars). Same weights, same order as the gather.
+// Outputs 0 .. 8 * groups - 1 of `rows` NCHW rows (tmp and out: rows tstride and ostride
+// apart) whose groups of 8 outputs read within 8 consecutive inputs (plan_window): one load
+// of those inputs per group, and per tap a lane permute instead of a gather (AVX2 gathers are
+// slow on AMD; the stencil of an 8x upscale had to assemble each vector from scalars). Same
+// weights, same order as the gather. Groups outer, rows inner: a group's lane indices and
+// weights are loaded once for all rows (a block of source rows, see run_rows2_nchw).
 template <bool kAdd, int KW>
-void window_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float* __restrict__ out) {
+void window_rows(const float* __restrict__ tmp, int64_t tstride, const TermPlan<float>& tp, float* __restrict__ out,
+                 int64_t ostride, int64_t rows) {
   const int64_t n = tp.tw.out, K = KW > 0 ? KW : tp.tw.K, groups = static_cast<int64_t>(tp.win_base.size());
   const float* __restrict__ wk = tp.wk.data();
   const __m256i one = _mm256_set1_epi32(1);
@@ -769,15 +772,21 @@ void window_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float*
   const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(tp.tw.in)),
                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 v = short_row ? _mm256_maskload_ps(tmp, lanes) : _mm256_loadu_ps(tmp + tp.win_base[g]);
-    __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp.win_idx.data() + 8 * g));
-    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(wk + 8 * g), _mm256_permutevar8x32_ps(v, idx));
-    for (int64_t k = 1; k < K; ++k) {
-      idx = _mm256_add_epi32(idx, one);
-      s = _mm256_fmadd_ps(_mm256_loadu_ps(wk + k * n + 8 * g), _mm256_permutevar8x32_ps(v, idx), s);
+    const __m256i idx0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp.win_idx.data() + 8 * g));
+    const __m256 w0 = _mm256_loadu_ps(wk + 8 * g);
+    const float* t = short_row ? tmp : tmp + tp.win_base[g];
+    for (int64_t r = 0; r < rows; ++r, t += tstride) {
+      const __m256 v = short_row ? _mm256_maskload_ps(t, lanes) : _mm256_loadu_ps(t);
+      __m256i idx = idx0;
+      __m256 s = _mm256_mul_ps(w0, _mm256_permutevar8x32_ps(v, idx));
+      for (int64_t k = 1; k < K; ++k) {
+        idx = _mm256_add_epi32(idx, one);
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(wk + k * n + 8 * g), _mm256_permutevar8x32_ps(v, idx), s);
+      }
+      float* o = out + r * ostride + 8 * g;
+      if (kAdd) s = _mm256_add_ps(_mm256_loadu_ps(o), s);
+      _mm256_storeu_ps(o, s);
     }
-    if (kAdd) s = _mm256_add_ps(_mm256_loadu_ps(out + 8 * g), s);
-    _mm256_storeu_ps(out + 8 * g, s);
   }
 }
 
@@ -839,7 +848,7 @@ void stencil_row(const acc_t* __restrict__ tmp, const Stencil<acc_t>& st, acc_t*
 // The (P, S, K) compiled: 2x and 4x downscales with 2, 4 or 8 taps (bilinear, area,
 // antialiased bilinear and bicubic), 2x, 4x and 8x upscales with 2 or 4 taps, the adjoints
 // of those downscales (the backward), and the common fractional factors 3/4, 2/3, 3/2, 4/3.
-// Others keep the gather. (Under AVX2, float upscale rows take window_row instead.)
+// Others keep the gather. (Under AVX2, float upscale rows take window_rows instead.)
 template <typename acc_t>
 void pick_stencil_kernel(Stencil<acc_t>& s, int64_t K) {
 #define MSFAST_S(P_, S_, K_)                                    \
@@ -889,9 +898,9 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
       if (tp.dot_k > 0) return add ? dot_row<true>(tmp, tp, out) : dot_row<false>(tmp, tp, out);
       if (!tp.win_base.empty()) {
         if (tp.tw.K == 2) {  // bilinear: the taps unrolled
-          add ? window_row<true, 2>(tmp, tp, out) : window_row<false, 2>(tmp, tp, out);
+          add ? window_rows<true, 2>(tmp, 0, tp, out, 0, 1) : window_rows<false, 2>(tmp, 0, tp, out, 0, 1);
         } else {
-          add ? window_row<true, 0>(tmp, tp, out) : window_row<false, 0>(tmp, tp, out);
+          add ? window_rows<true, 0>(tmp, 0, tp, out, 0, 1) : window_rows<false, 0>(tmp, 0, tp, out, 0, 1);
         }
         lo = 0;
         hi = 8 * static_cast<int64_t>(tp.win_base.size());
@@ -1085,7 +1094,16 @@ struct RowMaker {
         src = t;
       }
       if (static_cast<int64_t>(block.size()) < rows * n) block.resize(rows * n);
-      for (int64_t r = 0; r < rows; ++r) horizontal(tp, src + r * v.W, false, block.data() + r * n, packed_row(n, 1));
+      bool resampled = false;
+#if MSFAST_CPU_AVX2
+      if constexpr (std::is_same_v<acc_t, float>) {
+        // The window covers whole rows: all of the block's in one call.
+        resampled = tp.tw.K == 2 && 8 * static_cast<int64_t>(tp.win_base.size()) == n;
+        if (resampled) window_rows<false, 2>(src, v.W, tp, block.data(), n, rows);
+      }
+#endif
+      for (int64_t r = 0; !resampled && r < rows; ++r)
+        horizontal(tp, src + r * v.W, false, block.data() + r * n, packed_row(n, 1));
       while (oy < e) {
         const acc_t* a = block.data() + (start[oy] - lo) * n;
         oy = blend_rows2(tp, a, a + n, oy, e, out, d, stream);
