@@ -22,6 +22,7 @@ repetitions are paired (eager, then msfast, a moment apart), and the interval is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -230,7 +231,7 @@ def resample_ms(step: Callable[[], None], model, device: str, calls: int = 2) ->
         step()
         _sync(device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-        with profile(activities=acts) as prof:
+        with _stderr_silenced(), profile(activities=acts) as prof:
             for _ in range(calls):
                 step()
             _sync(device)
@@ -243,6 +244,22 @@ def resample_ms(step: Callable[[], None], model, device: str, calls: int = 2) ->
                                                   and any(s in e.name for s in _RESAMPLE_NODES)):
             total_us += e.cpu_time_total
     return total_us / 1e3 / calls
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ side prints lines of its own at each
+    start and stop (and, without a GPU, an error about counting GPUs), which would cut into
+    the progress display."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def ratio_interval(eager: list, ms: list, level: float = 0.95, resamples: int = 1000) -> list | None:
