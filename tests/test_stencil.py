@@ -239,3 +239,51 @@ def test_dot_rows(widths, gen):
     fr = f.clone().requires_grad_(True)
     ref_upsample_concat([fr], (4, w_in), mode="bilinear").backward(g)
     torch.testing.assert_close(fast[0], fr.grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("combo", DOWN + UP, ids=lambda c: f"{c[0]}-aa{c[1]}")
+def test_rgb_channels_last_rows_by_channel(combo, dtype, gen):
+    """channels_last rows of 3 values per pixel (RGB) are split into one row per channel and
+    take the NCHW row kernels (horizontal_planar): a pyramid of downscales and upscales,
+    forward and backward (whose input gradient adds the levels' terms), from a uint8 image
+    with mean/std as well; equal to the gather path up to rounding, and to the reference."""
+    kw = _kw(*combo)
+    scales = [0.5, 0.25, 0.75, 2.0] if combo in DOWN else [2.0, 4.0, 1.5]
+    x = randn(gen, 2, 3, 24, 88, dtype=dtype, channels_last=True)
+    grads = [randn(gen, 2, 3, int(24 * s), int(88 * s), dtype=dtype, channels_last=True) for s in scales]
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        outs = msfast.pyramid(xx, scales, **kw)
+        torch.autograd.backward(outs, grads)
+        return [o.detach() for o in outs] + [xx.grad]
+
+    fast, slow, planned = _both(run)
+    assert planned >= 2  # terms of the forward and of the backward took the row kernels
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in fast)
+    _assert_same(fast, slow, DOT_ULPS)
+    xr = x.clone().requires_grad_(True)
+    ref = ref_pyramid(xr, scales, **kw)
+    torch.autograd.backward(ref, grads)
+    for o, r in zip(fast[:-1], ref, strict=True):
+        torch.testing.assert_close(o, r, **tol(dtype, upscale=True))
+    torch.testing.assert_close(fast[-1], xr.grad, **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
+
+
+def test_rgb_channels_last_preprocess_and_concat_slices(gen):
+    """The preprocess path (uint8 RGB channels_last, normalized, antialiased) and a concat of
+    RGB channels_last features, whose rows are 3-value slices of wider output pixels, through
+    the per-channel row kernels: equal to the gather path up to rounding, and to the reference."""
+    img = torch.randint(0, 256, (2, 40, 64, 3), dtype=torch.uint8, generator=gen).permute(0, 3, 1, 2)
+    kw = dict(mode="bilinear", antialias=True, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    fast, slow, planned = _both(lambda: msfast.pyramid(img, [1.0, 0.75, 0.5, 0.25], **kw))
+    assert planned >= 3
+    _assert_same(fast, slow, DOT_ULPS)
+    for o, r in zip(fast, ref_pyramid(img, [1.0, 0.75, 0.5, 0.25], **kw), strict=True):
+        torch.testing.assert_close(o, r, **tol(torch.float32))
+    feats = [randn(gen, 2, 3, h, w, channels_last=True) for h, w in [(20, 32), (10, 16), (40, 64)]]
+    fast, slow, planned = _both(lambda: [msfast.upsample_concat(feats, (20, 32))])
+    assert planned >= 2
+    _assert_same(fast, slow, DOT_ULPS)
+    torch.testing.assert_close(fast[0], ref_upsample_concat(feats, (20, 32)), **tol(torch.float32, upscale=True))
