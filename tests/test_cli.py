@@ -139,7 +139,7 @@ def test_bench_resample_ms_counts_only_the_resampling():
         for _ in range(2):
             step()
         step_ms = (time.perf_counter() - t0) * 1e3 / 2
-        ms = bench.resample_ms(step, model, "cpu", calls=2)
+        ms = bench.resample_ms(step, model, calls=2)
         assert 0 < ms < step_ms, (backend, ms, step_ms)  # a part of the step, not none of it
         assert "forward" not in model.pyramid.__dict__ and "forward" not in model.concat.__dict__
         # the labels are gone: a fresh profile of the step has no msfast.bench range
