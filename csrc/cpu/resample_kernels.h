@@ -946,32 +946,74 @@ void horizontal(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* ou
 // resampled as an NCHW row (window, stencil, dot products: vector loops), and interleaved back.
 // horizontal_impl runs such a row's taps one value at a time, and it was half of the
 // preprocess case's kernel time (antialiased downscales of 3 to 9 taps); with this, the
-// preprocess of 4 images went from 12.1M to 10.6M instructions (callgrind, AVX2 build). Each
-// output value sums the same products as there, in the NCHW row's order: they agree to rounding.
+// preprocess of 4 images went from 12.1M to 10.6M instructions (callgrind, AVX2 build), and
+// to 10.1M with the split and interleave in vectors (split_rgb8, merge_rgb8). Each output
+// value sums the same products as there, in the NCHW row's order: they agree to rounding.
+#if MSFAST_CPU_AVX2
+// 8 RGB pixels as three vectors of whole pixels (x, y, z: r0 g0 b0 r1 g1 b1 r2 g2 | b2 r3 ...)
+// and as three vectors of one channel each, in the lane order both directions share: a
+// channel's vector blended from x, y and z holds its 8 values permuted, and one lane permute
+// puts them in order (the two permutations of r and b are their own inverses, g's are not).
+// kBlend1: lanes 1, 4, 7; kBlend2: lanes 2, 5; kBlend0: lanes 0, 3, 6.
+constexpr int kBlend0 = 0x49, kBlend1 = 0x92, kBlend2 = 0x24;
+MSFAST_INLINE void split_rgb8(const float* p, float* r, float* g, float* b) {
+  const __m256 x = _mm256_loadu_ps(p), y = _mm256_loadu_ps(p + 8), z = _mm256_loadu_ps(p + 16);
+  const __m256 tr = _mm256_blend_ps(_mm256_blend_ps(x, y, kBlend1), z, kBlend2);
+  const __m256 tg = _mm256_blend_ps(_mm256_blend_ps(x, y, kBlend2), z, kBlend0);
+  const __m256 tb = _mm256_blend_ps(_mm256_blend_ps(x, y, kBlend0), z, kBlend1);
+  _mm256_storeu_ps(r, _mm256_permutevar8x32_ps(tr, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5)));
+  _mm256_storeu_ps(g, _mm256_permutevar8x32_ps(tg, _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6)));
+  _mm256_storeu_ps(b, _mm256_permutevar8x32_ps(tb, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7)));
+}
+
+// The inverse: 8 values of each channel to 8 RGB pixels at p, stored or added.
+template <bool kAdd>
+MSFAST_INLINE void merge_rgb8(const float* r, const float* g, const float* b, float* p) {
+  const __m256 tr = _mm256_permutevar8x32_ps(_mm256_loadu_ps(r), _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  const __m256 tg = _mm256_permutevar8x32_ps(_mm256_loadu_ps(g), _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2));
+  const __m256 tb = _mm256_permutevar8x32_ps(_mm256_loadu_ps(b), _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+  __m256 v[3] = {_mm256_blend_ps(_mm256_blend_ps(tr, tg, kBlend1), tb, kBlend2),
+                 _mm256_blend_ps(_mm256_blend_ps(tb, tr, kBlend1), tg, kBlend2),
+                 _mm256_blend_ps(_mm256_blend_ps(tg, tb, kBlend1), tr, kBlend2)};
+  for (int i = 0; i < 3; ++i) {
+    if (kAdd) v[i] = _mm256_add_ps(_mm256_loadu_ps(p + 8 * i), v[i]);
+    _mm256_storeu_ps(p + 8 * i, v[i]);
+  }
+}
+#endif
+
 template <typename acc_t>
 void horizontal_planar(const TermPlan<acc_t>& tp, const acc_t* tmp, bool add, acc_t* out, const Row& ro) {
-  constexpr int64_t cp = 3;  // a compile-time stride: the split and the interleave vectorize
-  const int64_t in = tp.tw.in, n = tp.tw.out;
+  constexpr int64_t cp = 3;
+  const int64_t in = tp.tw.in, n = tp.tw.out, px = ro.px;
   thread_local std::vector<acc_t> buf;  // the channels' input rows, then their output rows
   if (static_cast<int64_t>(buf.size()) < cp * (in + n)) buf.resize(cp * (in + n));
   acc_t* __restrict__ pin = buf.data();
   acc_t* __restrict__ pout = pin + cp * in;
-  const acc_t* __restrict__ t = tmp;
-  for (int64_t x = 0; x < in; ++x)
-    for (int64_t c = 0; c < cp; ++c) pin[c * in + x] = t[x * cp + c];
+  int64_t x = 0;
+#if MSFAST_CPU_AVX2
+  if constexpr (std::is_same_v<acc_t, float>)
+    for (; x + 8 <= in; x += 8) split_rgb8(tmp + x * cp, pin + x, pin + in + x, pin + 2 * in + x);
+#endif
+  for (; x < in; ++x)
+    for (int64_t c = 0; c < cp; ++c) pin[c * in + x] = tmp[x * cp + c];
   for (int64_t c = 0; c < cp; ++c) horizontal(tp, pin + c * in, false, pout + c * n, packed_row(n, 1));
-  acc_t* __restrict__ o = out;
-  const int64_t px = ro.px;
-  if (add) {
-    for (int64_t x = 0; x < n; ++x)
-      for (int64_t c = 0; c < cp; ++c) o[x * px + c] += pout[c * n + x];
-  } else if (px == cp) {
-    for (int64_t x = 0; x < n; ++x)
-      for (int64_t c = 0; c < cp; ++c) o[x * cp + c] = pout[c * n + x];
-  } else {
-    for (int64_t x = 0; x < n; ++x)
-      for (int64_t c = 0; c < cp; ++c) o[x * px + c] = pout[c * n + x];
+  x = 0;
+#if MSFAST_CPU_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (px == cp) {
+      for (; x + 8 <= n; x += 8) {
+        add ? merge_rgb8<true>(pout + x, pout + n + x, pout + 2 * n + x, out + x * cp)
+            : merge_rgb8<false>(pout + x, pout + n + x, pout + 2 * n + x, out + x * cp);
+      }
+    }
   }
+#endif
+  for (; x < n; ++x)
+    for (int64_t c = 0; c < cp; ++c) {
+      acc_t* o = out + x * px + c;
+      *o = add ? *o + pout[c * n + x] : pout[c * n + x];
+    }
 }
 
 // Computes one output row of a term into `out` (pixels ro.px apart), assigning or adding.
