@@ -59,6 +59,14 @@ def _assert_same(a, b, ulps=4):
 DOT_ULPS = 64
 
 
+def _pyramid_fwd_bwd(pyramid, x, scales, grads, kw):
+    """pyramid(x, scales, **kw)'s levels, then x's gradient for the levels' gradients `grads`."""
+    xx = x.clone().requires_grad_(True)
+    outs = pyramid(xx, scales, **kw)
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [xx.grad]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("combo", DOWN, ids=lambda c: f"{c[0]}-aa{c[1]}")
 def test_pyramid_downscale_forward_and_backward(combo, dtype, gen):
@@ -67,22 +75,14 @@ def test_pyramid_downscale_forward_and_backward(combo, dtype, gen):
     x = randn(gen, *SHAPE, dtype=dtype)
     grads = [randn(gen, SHAPE[0], SHAPE[1], int(SHAPE[2] * s), int(SHAPE[3] * s), dtype=dtype) for s in scales]
 
-    def run():
-        xx = x.clone().requires_grad_(True)
-        outs = msfast.pyramid(xx, scales, **kw)
-        torch.autograd.backward(outs, grads)
-        return [o.detach() for o in outs] + [xx.grad]
-
-    fast, slow, planned = _both(run)
+    fast, slow, planned = _both(lambda: _pyramid_fwd_bwd(msfast.pyramid, x, scales, grads, kw))
     dot = AVX2 and dtype == torch.float32 and combo == ("bicubic", True)
     assert planned == PLANNED[f"{combo[0]}-aa{combo[1]}"] + dot
     _assert_same(fast, slow, DOT_ULPS if dot else 4)
-    xr = x.clone().requires_grad_(True)
-    ref = ref_pyramid(xr, scales, **kw)
-    torch.autograd.backward(ref, grads)
-    for o, r in zip(fast[:-1], ref, strict=True):
+    ref = _pyramid_fwd_bwd(ref_pyramid, x, scales, grads, kw)
+    for o, r in zip(fast[:-1], ref[:-1], strict=True):
         torch.testing.assert_close(o, r, **tol(dtype))
-    torch.testing.assert_close(fast[-1], xr.grad, **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
+    torch.testing.assert_close(fast[-1], ref[-1], **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
 
 
 @pytest.mark.parametrize("combo", UP, ids=lambda c: c[0])
@@ -253,22 +253,14 @@ def test_rgb_channels_last_rows_by_channel(combo, dtype, gen):
     x = randn(gen, 2, 3, 24, 88, dtype=dtype, channels_last=True)
     grads = [randn(gen, 2, 3, int(24 * s), int(88 * s), dtype=dtype, channels_last=True) for s in scales]
 
-    def run():
-        xx = x.clone().requires_grad_(True)
-        outs = msfast.pyramid(xx, scales, **kw)
-        torch.autograd.backward(outs, grads)
-        return [o.detach() for o in outs] + [xx.grad]
-
-    fast, slow, planned = _both(run)
+    fast, slow, planned = _both(lambda: _pyramid_fwd_bwd(msfast.pyramid, x, scales, grads, kw))
     assert planned >= 2  # terms of the forward and of the backward took the row kernels
     assert all(o.is_contiguous(memory_format=torch.channels_last) for o in fast)
     _assert_same(fast, slow, DOT_ULPS)
-    xr = x.clone().requires_grad_(True)
-    ref = ref_pyramid(xr, scales, **kw)
-    torch.autograd.backward(ref, grads)
-    for o, r in zip(fast[:-1], ref, strict=True):
+    ref = _pyramid_fwd_bwd(ref_pyramid, x, scales, grads, kw)
+    for o, r in zip(fast[:-1], ref[:-1], strict=True):
         torch.testing.assert_close(o, r, **tol(dtype, upscale=True))
-    torch.testing.assert_close(fast[-1], xr.grad, **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
+    torch.testing.assert_close(fast[-1], ref[-1], **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
 
 
 def test_rgb_channels_last_preprocess_and_concat_slices(gen):

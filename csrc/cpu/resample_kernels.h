@@ -1024,14 +1024,15 @@ struct RowMaker {
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
   std::vector<acc_t> block;  // run_rows2_nchw: a block of source rows resampled horizontally
 
-  // A source row as a packed acc_t row: the row itself when it is one already (a float
-  // NCHW row: copying it cost 8% of fpn_concat's forward), else converted into tmp.
-  const acc_t* source_row(const View& v, const src_t* row) {
+  // n source rows from `row` on as packed acc_t rows: the rows themselves when they are
+  // already (a float NCHW row: copying it cost 8% of fpn_concat's forward), else converted
+  // into tmp in one pass. n > 1 only where the rows follow each other (v.row == v.W * v.cp).
+  const acc_t* source_rows(const View& v, const src_t* row, int64_t n = 1) {
     if constexpr (std::is_same_v<src_t, acc_t>) {
       if (v.px == v.cp) return row;
     }
-    if (static_cast<int64_t>(tmp.size()) < v.W * v.cp) tmp.resize(v.W * v.cp);
-    axpy<false>(row, row_of(v), acc_t(1), tmp.data(), packed_row(v.W, v.cp));
+    if (static_cast<int64_t>(tmp.size()) < n * v.W * v.cp) tmp.resize(n * v.W * v.cp);
+    axpy<false>(row, Row{n * v.W, v.cp, v.px}, acc_t(1), tmp.data(), packed_row(n * v.W, v.cp));
     return tmp.data();
   }
 
@@ -1108,7 +1109,7 @@ struct RowMaker {
         for (int64_t x = 0; x < v.W; ++x)
           for (int64_t c = 0; c < v.cp; c += kLine) __builtin_prefetch(next + x * v.px + c, 0, 2);
       }
-      put_row(tp, y, source_row(v, plane + y * v.row));
+      put_row(tp, y, source_rows(v, plane + y * v.row));
     }
   }
 
@@ -1167,16 +1168,7 @@ struct RowMaker {
         lo = l, hi = h;
       }
       const int64_t rows = hi - lo + 1;
-      const src_t* s = plane + lo * v.row;
-      const acc_t* src;
-      if constexpr (std::is_same_v<src_t, acc_t>) {
-        src = s;
-      } else {
-        if (static_cast<int64_t>(tmp.size()) < rows * v.W) tmp.resize(rows * v.W);
-        acc_t* __restrict__ t = tmp.data();
-        for (int64_t i = 0; i < rows * v.W; ++i) t[i] = to_acc<acc_t>(s[i]);
-        src = t;
-      }
+      const acc_t* src = source_rows(v, plane + lo * v.row, rows);
       if (static_cast<int64_t>(block.size()) < rows * n) block.resize(rows * n);
       bool resampled = false;
 #if MSFAST_CPU_AVX2
