@@ -4,15 +4,17 @@
 // very same function over all items (csrc/cpu/gather_cpu.cpp, msfast._C._set_cpu_runner), so
 // CPU-only CI checks the CUDA path's indexing, descriptors and tables against the reference.
 //
-// Work items: item = group * S + s, where s runs over the S = H * W * inner values of one
-// plane (NCHW: a plane is an image's channel, inner = 1; channels_last: a plane is an image,
-// inner = C, so s = (oy * W + ox) * C + c) and group over kPlanes consecutive planes. So the
-// 32 threads of a warp take 32 consecutive values of the same planes: every load and store
-// of a warp is one contiguous run (the first GPU run, with 4 consecutive values per thread,
-// spent its time on uncoalesced loads of tables and inputs). A thread reads its position's
-// tables (start, weights) once for its kPlanes planes, which the sums share.
+// Work items: one item is kVec consecutive values in each of kPlanes planes (a plane: an
+// image's channel for NCHW, an image for channels_last), at one output row. NCHW: the values
+// are kVec consecutive pixels of the row, each with its own horizontal taps; channels_last:
+// kVec consecutive channels of one pixel, sharing its taps. Items run through a job's plane
+// groups, then rows, then chunks of the row (NCHW: ceil(W / kVec) per row; channels_last:
+// W * ceil(C / kVec)), so the 32 threads of a warp store one contiguous run and load from
+// one neighbourhood. What a thread decodes (its job, position, planes, vertical taps and
+// source rows) serves kPlanes * kVec values: the first GPU runs, with one value in four
+// planes per item, were bound by instruction issue, at about 90 instructions per value.
 // Tables are tap-major (weight k of output o at k * out + o), so that a warp's weight loads
-// are contiguous too.
+// are contiguous.
 //
 // Index type I: int32_t when every offset of the call fits (the common case: 32-bit
 // arithmetic and multiply-shift division are several times cheaper on a GPU than 64-bit),
@@ -27,7 +29,8 @@
 
 namespace msfast {
 
-constexpr int kPlanes = 4;
+constexpr int kPlanes = 2;  // planes per work item
+constexpr int kVec = 4;     // consecutive values per plane per work item
 
 template <typename U>
 struct QuotRem {
@@ -83,8 +86,11 @@ template <typename I>
 struct GJob {
   void* dst;
   I s_outer, s_inner, row, px;
-  Divider<I> spatial, inner, W, pdiv;  // S = H * W * inner; inner = C (channels_last) or 1
-  I H, planes;
+  Divider<I> group;   // items of a plane group: H * chunks
+  Divider<I> chunks;  // items of a row: ceil(W / kVec) (NCHW) or W * ceil(C / kVec) (channels_last)
+  Divider<I> cchunks; // channels_last: items of a pixel, ceil(C / kVec)
+  Divider<I> pdiv;    // plane p is (image p / pdiv, channel p % pdiv)
+  I H, W, planes;
   std::make_unsigned_t<I> first_item;  // prefix sum of items over jobs
   int32_t first_term, n_terms;
   I affine;  // offset of scale[C], shift[C] in weights[], or -1
@@ -101,42 +107,123 @@ MSFAST_HD T load_table(const T* p) {
 #endif
 }
 
-// Adds one term to the sums of the group's planes: sum_ky wy * (sum_kx wx * src). KY, KX: the
-// tap counts where known at compile time (1 and 2: copies, nearest, bilinear upsampling; the
-// loops unroll), 0 where read from the term (any count).
+// Where a work item writes and reads: its output row and the first value of its chunk, its
+// planes as (image, channel), and how many of its kVec values exist (the last chunk of a row
+// or pixel can be partial; its missing values are computed from clamped, valid reads and
+// not stored).
+template <typename I>
+struct GPos {
+  I oy, ox, c0;  // NCHW: values at ox .. ox + n - 1, c0 = 0; channels_last: channels c0 .. c0 + n - 1 at ox
+  int n;
+  I pn[kPlanes], pc[kPlanes];
+  int np;  // planes of the group that exist
+};
+
+// Adds one NCHW term: value v (pixel ox + v) gets sum_ky wy * (sum_kx wx * src), its own
+// horizontal taps. KY, KX: the tap counts where known at compile time (1 and 2: copies,
+// nearest, bilinear upsampling; the loops unroll), 0 where read from the term (any count).
 template <int KY, int KX, typename src_t, typename acc_t, typename I>
-MSFAST_HD void add_term(acc_t (&acc)[kPlanes], const GTerm<I>& tm, const I (&pn)[kPlanes], const I (&pc)[kPlanes],
-                        const int32_t* starts, const acc_t* weights, I oy, I ox, I ch, I H, I W) {
+MSFAST_HD void add_term_rows(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, const GPos<I>& q,
+                             const int32_t* starts, const acc_t* weights, I H, I W) {
   const int32_t ky_n = KY ? KY : tm.Ky, kx_n = KX ? KX : tm.Kx;
-  const I y0 = load_table(starts + tm.ys + oy), x0 = load_table(starts + tm.xs + ox);
-  const src_t* src = static_cast<const src_t*>(tm.src) + (y0 * tm.row + x0 * tm.px + ch);
-  I poff[kPlanes];  // offsets, not pointers: half the registers
+  const I y0 = load_table(starts + tm.ys + q.oy);
+  I ox[kVec], x0[kVec];
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p) poff[p] = pn[p] * tm.s_outer + pc[p] * tm.s_inner;
+  for (int v = 0; v < kVec; ++v) {
+    ox[v] = q.ox + (v < q.n ? v : q.n - 1);
+    x0[v] = load_table(starts + tm.xs + ox[v]);
+  }
+  // One pointer per plane to its first source row: a load is then pointer + 32-bit offset.
+  const src_t* base[kPlanes];
+#pragma unroll
+  for (int p = 0; p < kPlanes; ++p)
+    base[p] = static_cast<const src_t*>(tm.src) + (q.pn[p] * tm.s_outer + q.pc[p] * tm.s_inner + y0 * tm.row);
 #pragma unroll
   for (int32_t ky = 0; ky < ky_n; ++ky) {
-    const acc_t wy = load_table(weights + tm.yw + ky * H + oy);
-    acc_t s[kPlanes];
+    const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy);
+    const I r = ky * tm.row;
 #pragma unroll
-    for (int p = 0; p < kPlanes; ++p) s[p] = acc_t(0);
+    for (int v = 0; v < kVec; ++v) {
+      acc_t s[kPlanes];
 #pragma unroll
-    for (int32_t kx = 0; kx < kx_n; ++kx) {
-      const acc_t wx = load_table(weights + tm.xw + kx * W + ox);
-      const I off = ky * tm.row + kx * tm.px;
+      for (int p = 0; p < kPlanes; ++p) s[p] = acc_t(0);
 #pragma unroll
-      for (int p = 0; p < kPlanes; ++p) s[p] += wx * static_cast<acc_t>(src[poff[p] + off]);
+      for (int32_t kx = 0; kx < kx_n; ++kx) {
+        const acc_t wx = load_table(weights + tm.xw + kx * W + ox[v]);
+#pragma unroll
+        for (int p = 0; p < kPlanes; ++p) s[p] += wx * static_cast<acc_t>(base[p][r + x0[v] + kx]);
+      }
+#pragma unroll
+      for (int p = 0; p < kPlanes; ++p) acc[p][v] += wy * s[p];
     }
-#pragma unroll
-    for (int p = 0; p < kPlanes; ++p) acc[p] += wy * s[p];
   }
 }
 
-// Computes and stores one output value in each of up to kPlanes planes. Each value is
-// sum over terms of sum_ky wy * (sum_kx wx * src), in that order: the same arithmetic for
-// every plane, thread count and grid.
+// Adds one channels_last term: the kVec channels of a pixel share its taps, and each tap's
+// values are consecutive in memory.
+template <int KY, int KX, typename src_t, typename acc_t, typename I>
+MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, const GPos<I>& q,
+                              const int32_t* starts, const acc_t* weights, I H, I W) {
+  const int32_t ky_n = KY ? KY : tm.Ky, kx_n = KX ? KX : tm.Kx;
+  const I y0 = load_table(starts + tm.ys + q.oy), x0 = load_table(starts + tm.xs + q.ox);
+  I c[kVec];  // channel offsets, clamped in a partial chunk
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) c[v] = v < q.n ? v : q.n - 1;
+  const src_t* base[kPlanes];
+#pragma unroll
+  for (int p = 0; p < kPlanes; ++p)
+    base[p] = static_cast<const src_t*>(tm.src) + (q.pn[p] * tm.s_outer + y0 * tm.row + x0 * tm.px + q.c0);
+#pragma unroll
+  for (int32_t ky = 0; ky < ky_n; ++ky) {
+    const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy);
+    acc_t s[kPlanes][kVec];
+#pragma unroll
+    for (int p = 0; p < kPlanes; ++p)
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) s[p][v] = acc_t(0);
+#pragma unroll
+    for (int32_t kx = 0; kx < kx_n; ++kx) {
+      const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox);
+      const I off = ky * tm.row + kx * tm.px;
+#pragma unroll
+      for (int p = 0; p < kPlanes; ++p)
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) s[p][v] += wx * static_cast<acc_t>(base[p][off + c[v]]);
+    }
+#pragma unroll
+    for (int p = 0; p < kPlanes; ++p)
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) acc[p][v] += wy * s[p][v];
+  }
+}
+
+// Stores the first n of kVec consecutive values; on a GPU, one vector store where the chunk
+// is whole and aligned (a warp's stores are then full 16-byte runs).
+template <typename T>
+MSFAST_HD void store_values(T* dst, const T (&v)[kVec], int n) {
+#if defined(__CUDA_ARCH__)
+  struct alignas(sizeof(T) * kVec) Pack {
+    T v[kVec];
+  };
+  if (n == kVec && reinterpret_cast<uintptr_t>(dst) % sizeof(Pack) == 0) {
+    Pack pk;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) pk.v[i] = v[i];
+    *reinterpret_cast<Pack*>(dst) = pk;
+    return;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < kVec; ++i)
+    if (i < n) dst[i] = v[i];
+}
+
+// Computes and stores one work item: each value is the sum over terms of
+// sum_ky wy * (sum_kx wx * src), in that order, whatever the plane, thread count and grid.
 template <typename src_t, typename dst_t, typename acc_t, typename I>
 MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* terms, const int32_t* starts,
                            const acc_t* weights, std::make_unsigned_t<I> item) {
+  using U = std::make_unsigned_t<I>;
   // The job of this item: jobs are few, a binary search over their prefix sums.
   int lo = 0, hi = n_jobs - 1;
   while (lo < hi) {
@@ -144,49 +231,64 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
     if (jobs[mid].first_item <= item) lo = mid; else hi = mid - 1;
   }
   const GJob<I>& j = jobs[lo];
-  const auto g = j.spatial.divmod(item - j.first_item);
-  auto pix = g.mod;
-  I ch = 0;  // channels_last: the channel
+  GPos<I> q;
+  const auto g = j.group.divmod(item - j.first_item);
+  const auto r = j.chunks.divmod(g.mod);
+  q.oy = static_cast<I>(r.div);
   if (j.cl) {
-    const auto c = j.inner.divmod(pix);
-    ch = static_cast<I>(c.mod);
-    pix = c.div;
+    const auto c = j.cchunks.divmod(r.mod);
+    q.ox = static_cast<I>(c.div);
+    q.c0 = static_cast<I>(c.mod) * kVec;
+    q.n = static_cast<int>(msf_min<I>(kVec, j.channels - q.c0));
+  } else {
+    q.ox = static_cast<I>(r.mod) * kVec;
+    q.c0 = 0;
+    q.n = static_cast<int>(msf_min<I>(kVec, j.W - q.ox));
   }
-  const auto xy = j.W.divmod(pix);
-  const I ox = static_cast<I>(xy.mod), oy = static_cast<I>(xy.div), W = static_cast<I>(j.W.d);
-  // The group's planes as (image, channel); past the last plane a slot repeats it (valid
-  // reads, no store), so the loops below need no bounds.
+  // Past the last plane a slot repeats it (valid reads, no store), so the loops below need
+  // no bounds.
   const I p0 = static_cast<I>(g.div) * kPlanes;
-  const int np = j.planes - p0 < kPlanes ? static_cast<int>(j.planes - p0) : kPlanes;
-  I pn[kPlanes], pc[kPlanes];
+  q.np = j.planes - p0 < kPlanes ? static_cast<int>(j.planes - p0) : kPlanes;
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p) {
-    const auto q = j.pdiv.divmod(static_cast<std::make_unsigned_t<I>>(p < np ? p0 + p : p0 + np - 1));
-    pn[p] = static_cast<I>(q.div);
-    pc[p] = static_cast<I>(q.mod);
+    const auto d = j.pdiv.divmod(static_cast<U>(p < q.np ? p0 + p : p0 + q.np - 1));
+    q.pn[p] = static_cast<I>(d.div);
+    q.pc[p] = static_cast<I>(d.mod);
   }
-  acc_t acc[kPlanes];
+  acc_t acc[kPlanes][kVec];
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p) acc[p] = acc_t(0);
+  for (int p = 0; p < kPlanes; ++p)
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[p][v] = acc_t(0);
   for (int t = 0; t < j.n_terms; ++t) {
     const GTerm<I>& tm = terms[j.first_term + t];
-    if (tm.Ky == 1 && tm.Kx == 1)
-      add_term<1, 1, src_t>(acc, tm, pn, pc, starts, weights, oy, ox, ch, j.H, W);
-    else if (tm.Ky == 2 && tm.Kx == 2)
-      add_term<2, 2, src_t>(acc, tm, pn, pc, starts, weights, oy, ox, ch, j.H, W);
-    else
-      add_term<0, 0, src_t>(acc, tm, pn, pc, starts, weights, oy, ox, ch, j.H, W);
+    const bool k11 = tm.Ky == 1 && tm.Kx == 1, k22 = tm.Ky == 2 && tm.Kx == 2;
+    if (j.cl) {
+      if (k11) add_term_pixel<1, 1, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+      else if (k22) add_term_pixel<2, 2, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+      else add_term_pixel<0, 0, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+    } else {
+      if (k11) add_term_rows<1, 1, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+      else if (k22) add_term_rows<2, 2, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+      else add_term_rows<0, 0, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+    }
   }
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p) {
-    if (p < np) {
-      acc_t v = acc[p];
-      if (j.affine >= 0) {
-        const I c = j.cl ? ch : pc[p];
-        v = v * load_table(weights + j.affine + c) + load_table(weights + j.affine + j.channels + c);
+    if (p < q.np) {
+      dst_t out[kVec];
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        acc_t x = acc[p][v];
+        if (j.affine >= 0) {
+          const I c = j.cl ? q.c0 + (v < q.n ? v : 0) : q.pc[p];
+          x = x * load_table(weights + j.affine + c) + load_table(weights + j.affine + j.channels + c);
+        }
+        out[v] = static_cast<dst_t>(x);
       }
-      static_cast<dst_t*>(j.dst)[pn[p] * j.s_outer + pc[p] * j.s_inner + oy * j.row + ox * j.px + ch] =
-          static_cast<dst_t>(v);
+      dst_t* d = static_cast<dst_t*>(j.dst) +
+                 (q.pn[p] * j.s_outer + q.pc[p] * j.s_inner + q.oy * j.row + q.ox * j.px + q.c0);
+      store_values(d, out, q.n);
     }
   }
 }

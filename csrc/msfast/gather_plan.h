@@ -24,10 +24,12 @@ struct GatherPlan {
   int64_t total = 0;  // work items
 };
 
-// Work items of a destination: one per output position and group of kPlanes planes.
-inline int64_t job_items(const View& dv) {
-  return (dv.planes + kPlanes - 1) / kPlanes * dv.H * dv.W * (dv.cl ? dv.cp : 1);
+// Work items of a destination (gather.h): per group of kPlanes planes, per row, its chunks of
+// kVec values.
+inline int64_t row_chunks(const View& dv) {
+  return dv.cl ? dv.W * ((dv.cp + kVec - 1) / kVec) : (dv.W + kVec - 1) / kVec;
 }
+inline int64_t job_items(const View& dv) { return (dv.planes + kPlanes - 1) / kPlanes * dv.H * row_chunks(dv); }
 
 // The largest element offset a tensor's strides reach from its data pointer.
 inline int64_t max_offset(const at::Tensor& t) {
@@ -90,15 +92,15 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
     const View dv = make_view(job.dst, job.channels_last);
     const int64_t items = job_items(dv);
     if (items == 0) continue;
-    const int64_t inner = dv.cl ? dv.cp : 1;
     GJob<I> gj;
     gj.dst = job.dst.data_ptr();
     put_strides<I>(gj, dv);
-    gj.spatial = div(dv.H * dv.W * inner);
-    gj.inner = div(inner);
-    gj.W = div(dv.W);
+    gj.group = div(dv.H * row_chunks(dv));
+    gj.chunks = div(row_chunks(dv));
+    gj.cchunks = div((dv.cp + kVec - 1) / kVec);
     gj.pdiv = div(dv.pdiv);
     gj.H = static_cast<I>(dv.H);
+    gj.W = static_cast<I>(dv.W);
     gj.planes = static_cast<I>(dv.planes);
     gj.first_item = static_cast<U>(g.total);
     gj.first_term = static_cast<int32_t>(g.terms.size());
