@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -22,7 +23,28 @@ struct GatherPlan {
   std::vector<int32_t> starts;
   std::vector<acc_t> weights;
   int64_t total = 0;  // work items
+  // Everything starts[] and weights[] depend on (each term's axes and direction, the affine,
+  // the accumulation type): equal keys, equal tables. The CUDA launcher caches tables by it.
+  std::string key;
 };
+
+template <typename T>
+void key_append(std::string& k, const T& v) {
+  k.append(reinterpret_cast<const char*>(&v), sizeof(v));
+}
+
+// Field by field: a struct's padding bytes are not part of its value.
+inline void key_append_axis(std::string& k, const Axis& a, bool adjoint) {
+  k.push_back('x');  // a tag per segment: no two sequences of segments share a key
+  key_append(k, a.mode);
+  key_append(k, a.antialias);
+  key_append(k, a.align_corners);
+  key_append(k, a.in);
+  key_append(k, a.out);
+  key_append(k, a.scale_opt);
+  key_append(k, a.nearest);
+  key_append(k, adjoint);
+}
 
 // Work items of a destination (gather.h): per group of kPlanes planes, per row, its chunks of
 // kVec values.
@@ -78,6 +100,7 @@ template <typename acc_t, typename I>
 GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
   using U = std::make_unsigned_t<I>;
   GatherPlan<acc_t, I> g;
+  key_append(g.key, sizeof(acc_t));
   auto div = [](int64_t d) { return Divider<I>(static_cast<U>(std::max<int64_t>(d, 1))); };
   // Weights go in tap-major (gather.h: a warp's loads of one tap are then contiguous).
   auto put = [&](const Table<acc_t>& t, I& s, I& w) {
@@ -110,6 +133,8 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
     gj.cl = dv.cl;
     for (const auto& t : job.terms) {
       const auto [th, tw] = term_tables<acc_t>(t);
+      key_append_axis(g.key, t.h, t.adjoint);
+      key_append_axis(g.key, t.w, t.adjoint);
       const View sv = make_view(t.src, job.channels_last);
       GTerm<I> gt;
       gt.src = t.src.data_ptr();
@@ -122,6 +147,12 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
     }
     if (!job.scale.empty()) {
       gj.affine = static_cast<I>(g.weights.size());
+      g.key.push_back('a');
+      key_append(g.key, job.scale.size());
+      for (size_t c = 0; c < job.scale.size(); ++c) {
+        key_append(g.key, job.scale[c]);
+        key_append(g.key, job.shift[c]);
+      }
       for (double v : job.scale) g.weights.push_back(static_cast<acc_t>(v));
       for (double v : job.shift) g.weights.push_back(static_cast<acc_t>(v));
     }
