@@ -1,5 +1,7 @@
 """What only the CUDA backend has to prove: graph capture and replay, the current stream,
-deterministic mode, agreement with the CPU kernels, ATen's CUDA nearest rule, 64-bit indexing.
+deterministic mode, agreement with the CPU kernels, ATen's CUDA nearest rule, the device
+cache of tap tables (across streams, inside a capture), descriptors too large for the kernel's
+parameters, 64-bit indexing.
 
 Every test here needs a GPU (marked ``cuda``; skipped without one). The parity, gradient,
 determinism and opcheck tests of the other files run on CUDA too through the ``device`` fixture.
@@ -184,6 +186,64 @@ def test_antialias_is_as_close_to_aten_cuda_as_aten_cpu_is(gen):
             torch.testing.assert_close(got, aten_cpu, **tol(torch.float32))
 
 
+def _unique_shape(k: int):
+    """An input shape no other test uses: its tables are not yet in the device cache."""
+    return (2, 3, 101 + 2 * k, 67 + 3 * k)
+
+
+def test_tables_first_used_inside_a_graph_capture(gen):
+    """A shape first seen inside a capture: its tables are uploaded by the graph itself (not
+    taken into the cache, whose copy a capture cannot wait for); replays and later eager calls
+    of that shape are right."""
+    x = randn(gen, *_unique_shape(0), device="cuda")
+    scales = [0.83, 0.41]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        levels = msfast.pyramid(x, scales, mode="bilinear", antialias=True)
+    for _ in range(2):
+        with torch.no_grad():
+            x.copy_(torch.randn(x.shape, generator=gen).to("cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_all_close(levels, reference.pyramid(x, scales, mode="bilinear", antialias=True),
+                          **tol(torch.float32))
+    eager = msfast.pyramid(x, scales, mode="bilinear", antialias=True)
+    _assert_all_close(eager, levels, rtol=0, atol=0)
+
+
+def test_tables_cached_on_one_stream_used_on_another(gen):
+    """The first call of a shape queues its tables' upload behind slow work on one stream; a
+    call of the same shape on an idle stream must wait for that upload, not read the tables
+    before they arrive."""
+    x = randn(gen, *_unique_shape(1), device="cuda")
+    scales = [0.77, 0.29]
+    busy, idle = torch.cuda.Stream(), torch.cuda.Stream()
+    busy.wait_stream(torch.cuda.current_stream())
+    idle.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(busy):
+        torch.cuda._sleep(50_000_000)
+        first = msfast.pyramid(x, scales, mode="bicubic", antialias=True)
+    with torch.cuda.stream(idle):
+        second = msfast.pyramid(x, scales, mode="bicubic", antialias=True)
+    torch.cuda.synchronize()
+    want = reference.pyramid(x, scales, mode="bicubic", antialias=True)
+    _assert_all_close(second, want, **tol(torch.float32))
+    _assert_all_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [20, 40])
+def test_many_features_in_one_call(n, gen):
+    """Descriptors of 20 features fit the kernel's parameters; those of 40 do not and are
+    uploaded: both give the reference result, forward and backward."""
+    feats = [randn(gen, 2, 1 + i % 3, 3 + i % 5, 4 + i % 7, device="cuda", requires_grad=True) for i in range(n)]
+    out = msfast.upsample_concat(feats, (9, 10))
+    torch.testing.assert_close(out, reference.upsample_concat(feats, (9, 10)), **tol(torch.float32, upscale=True))
+    g = randn(gen, *out.shape, device="cuda")
+    got = torch.autograd.grad(out, feats, g)
+    want = torch.autograd.grad(reference.upsample_concat(feats, (9, 10)), feats, g)
+    _assert_all_close(got, want, **GRAD_TOL)
+
+
 def _far_corner_of_upscale(f, factor):
     """The last 4 x 64 values of bilinear-upscaling f by an integer factor, from a resize of its
     last 4 x 4 pixels alone (an integer factor keeps the crop's taps those of the full resize)."""
@@ -193,16 +253,15 @@ def _far_corner_of_upscale(f, factor):
 
 @pytest.mark.bigmem
 def test_64bit_indexing(gen):
-    """Past 2^31: an upsample_concat output of 2^31 work items (float16, 17 GB; the kernel's
-    64-bit item path) and a pyramid input of 2^31 values (uint8, 2.2 GB; 32-bit items, 64-bit
-    offsets). The far ends are right."""
+    """Past 2^31: an upsample_concat output of 2^33 values (float16, 17 GB; the kernel's 64-bit
+    index path) and a pyramid input of 2^31 values (uint8, 2.2 GB). The far ends are right."""
     free, _ = torch.cuda.mem_get_info()
     if free < 30 << 30:
         pytest.skip("needs 30 GiB of free GPU memory")
     factor = 1026
     f = randn(gen, 1, 2, 64, 64, dtype=torch.float16, device="cuda")
     size = (64 * factor, 64 * factor)
-    assert 2 * size[0] * size[1] // 4 > 2**31  # work items of 4 values
+    assert 2 * size[0] * size[1] > 2**33
     out = msfast.upsample_concat([f], size, mode="bilinear")
     torch.testing.assert_close(out[:, :, -4:, -64:], _far_corner_of_upscale(f, factor), **tol(torch.float16))
     del out
