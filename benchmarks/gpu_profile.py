@@ -1,11 +1,14 @@
-"""Where the time of msfast's CUDA path goes: torch.profiler tables (host and kernel time) for the
-small case (pyramid at N=1, forward + backward: host overhead) and the large ones (fpn_concat and
-pyramid at N=32: kernel time), msfast against the reference. Run by benchmarks/gpu_check.sh.
+"""Where the time of msfast's CUDA path goes: the host time of a call (small cases, without the
+profiler's own overhead), then torch.profiler tables (host and kernel time) for the small case
+(pyramid at N=1, forward + backward) and the large ones (fpn_concat and pyramid at N=32: kernel
+time), msfast against the reference. Run by benchmarks/gpu_check.sh.
 
     python benchmarks/gpu_profile.py
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,7 +32,31 @@ def _profile(case: str, layout: str, pass_: str, impl: str, reps: int = 20) -> N
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=6, max_name_column_width=60))
 
 
+def _host_us(case: str, pass_: str, impl: str, calls: int = 200) -> None:
+    """Host time per call: `calls` calls queued back to back without a synchronize (while the
+    GPU keeps up, the loop is bound by the host), then the time until the GPU has finished."""
+    v = bench.Variant(case, "float32", "nchw", pass_, "cuda", False)
+    p = bench.prepare(v)
+    step = bench.step_fn(p, p.run_msfast if impl == "msfast" else p.run_ref)
+    best_q, best_t = float("inf"), float("inf")
+    for _ in range(5):
+        step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        best_q, best_t = min(best_q, (t1 - t0) / calls * 1e6), min(best_t, (t2 - t0) / calls * 1e6)
+    print(f"host {case} {pass_} {impl}: {best_q:.1f} us a call queued, {best_t:.1f} us a call until done "
+          f"(best of 5 loops of {calls})")
+
+
 def main() -> None:
+    for case, pass_ in (("pyramid_n1", "fwd"), ("pyramid_n1", "fwd+bwd"), ("pyramid", "fwd+bwd")):
+        for impl in ("msfast", "reference"):
+            _host_us(case, pass_, impl)
     for impl in ("msfast", "reference"):
         _profile("pyramid_n1", "nchw", "fwd+bwd", impl)
     for impl in ("msfast", "reference"):

@@ -37,8 +37,15 @@ struct DescParam {
 // Descriptors (jobs, then terms) are copied to shared memory once per block: every item
 // reads them, and from global memory their chain of dependent loads would dominate. They
 // come from the parameters, or from desc_global where they did not fit there.
+// At least two blocks of kThreads per SM (at most 128 registers a thread) for the float32
+// kernels: a work item's chain of dependent loads (descriptors, tables, sources) is long, so
+// the kernel needs many items in flight. (Their 64-bit index variants then spill a few bytes;
+// the float64 kernels, which would spill more, are left unconstrained.)
+template <typename acc_t, typename I>
+constexpr int kMinBlocks = sizeof(acc_t) == 4 ? 2 : 1;
+
 template <typename src_t, typename dst_t, typename acc_t, typename I>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, I>)
 resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes,
                 int n_jobs, int terms_off, const int32_t* __restrict__ starts, const acc_t* __restrict__ weights,
                 std::make_unsigned_t<I> total) {

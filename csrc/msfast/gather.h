@@ -29,7 +29,7 @@
 
 namespace msfast {
 
-constexpr int kPlanes = 2;  // planes per work item
+constexpr int kPlanes = 4;  // planes per work item
 constexpr int kVec = 4;     // consecutive values per plane per work item
 
 template <typename U>
@@ -142,20 +142,27 @@ MSFAST_HD void add_term_rows(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, co
   for (int32_t ky = 0; ky < ky_n; ++ky) {
     const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy);
     const I r = ky * tm.row;
+    // Taps outer, values and planes inner: the kPlanes * kVec loads of a tap are independent,
+    // so a long filter (a downscale, a gradient) is a chain of Kx steps, not of kVec * Kx;
+    // unrolled by 2, two taps' loads are in flight at once (a step waits for its loads).
+    acc_t s[kPlanes][kVec];
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      acc_t s[kPlanes];
+    for (int p = 0; p < kPlanes; ++p)
 #pragma unroll
-      for (int p = 0; p < kPlanes; ++p) s[p] = acc_t(0);
+      for (int v = 0; v < kVec; ++v) s[p][v] = acc_t(0);
+#pragma unroll 2
+    for (int32_t kx = 0; kx < kx_n; ++kx) {
 #pragma unroll
-      for (int32_t kx = 0; kx < kx_n; ++kx) {
+      for (int v = 0; v < kVec; ++v) {
         const acc_t wx = load_table(weights + tm.xw + kx * W + ox[v]);
 #pragma unroll
-        for (int p = 0; p < kPlanes; ++p) s[p] += wx * static_cast<acc_t>(base[p][r + x0[v] + kx]);
+        for (int p = 0; p < kPlanes; ++p) s[p][v] += wx * static_cast<acc_t>(base[p][r + x0[v] + kx]);
       }
-#pragma unroll
-      for (int p = 0; p < kPlanes; ++p) acc[p][v] += wy * s[p];
     }
+#pragma unroll
+    for (int p = 0; p < kPlanes; ++p)
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) acc[p][v] += wy * s[p][v];
   }
 }
 
@@ -181,7 +188,7 @@ MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, c
     for (int p = 0; p < kPlanes; ++p)
 #pragma unroll
       for (int v = 0; v < kVec; ++v) s[p][v] = acc_t(0);
-#pragma unroll
+#pragma unroll 2
     for (int32_t kx = 0; kx < kx_n; ++kx) {
       const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox);
       const I off = ky * tm.row + kx * tm.px;
