@@ -166,8 +166,15 @@ MSFAST_HD void add_term_rows(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, co
   }
 }
 
+// kVec consecutive values as one aligned unit: one vector load or store on a GPU.
+template <typename T>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
 // Adds one channels_last term: the kVec channels of a pixel share its taps, and each tap's
-// values are consecutive in memory.
+// values are consecutive in memory: on a GPU one vector load per tap and plane where the
+// chunk is whole and every tap's address aligned (a quarter of the load instructions).
 template <int KY, int KX, typename src_t, typename acc_t, typename I>
 MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, const GPos<I>& q,
                               const int32_t* starts, const acc_t* weights, I H, I W) {
@@ -177,9 +184,15 @@ MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, c
 #pragma unroll
   for (int v = 0; v < kVec; ++v) c[v] = v < q.n ? v : q.n - 1;
   const src_t* base[kPlanes];
+  bool vec = q.n == kVec && tm.row % kVec == 0 && tm.px % kVec == 0;
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p)
+  for (int p = 0; p < kPlanes; ++p) {
     base[p] = static_cast<const src_t*>(tm.src) + (q.pn[p] * tm.s_outer + y0 * tm.row + x0 * tm.px + q.c0);
+    vec = vec && reinterpret_cast<uintptr_t>(base[p]) % sizeof(Pack<src_t>) == 0;
+  }
+#if !defined(__CUDA_ARCH__)
+  vec = false;  // (the host reads value by value: no type punning)
+#endif
 #pragma unroll
   for (int32_t ky = 0; ky < ky_n; ++ky) {
     const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy);
@@ -193,9 +206,19 @@ MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, c
       const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox);
       const I off = ky * tm.row + kx * tm.px;
 #pragma unroll
-      for (int p = 0; p < kPlanes; ++p)
+      for (int p = 0; p < kPlanes; ++p) {
+        src_t x[kVec];
+        if (vec) {
+          const Pack<src_t> pk = *reinterpret_cast<const Pack<src_t>*>(base[p] + off);
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) s[p][v] += wx * static_cast<acc_t>(base[p][off + c[v]]);
+          for (int v = 0; v < kVec; ++v) x[v] = pk.v[v];
+        } else {
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) x[v] = base[p][off + c[v]];
+        }
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) s[p][v] += wx * static_cast<acc_t>(x[v]);
+      }
     }
 #pragma unroll
     for (int p = 0; p < kPlanes; ++p)
@@ -209,14 +232,11 @@ MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, c
 template <typename T>
 MSFAST_HD void store_values(T* dst, const T (&v)[kVec], int n) {
 #if defined(__CUDA_ARCH__)
-  struct alignas(sizeof(T) * kVec) Pack {
-    T v[kVec];
-  };
-  if (n == kVec && reinterpret_cast<uintptr_t>(dst) % sizeof(Pack) == 0) {
-    Pack pk;
+  if (n == kVec && reinterpret_cast<uintptr_t>(dst) % sizeof(Pack<T>) == 0) {
+    Pack<T> pk;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) pk.v[i] = v[i];
-    *reinterpret_cast<Pack*>(dst) = pk;
+    *reinterpret_cast<Pack<T>*>(dst) = pk;
     return;
   }
 #endif
