@@ -132,6 +132,26 @@ def test_upsample_concat_out_channel_slices(layout, runner, gen):
     torch.testing.assert_close(out, ref_upsample_concat(feats, SIZE), **tol(torch.float32, upscale=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lane_strided_and_consecutive_chunks_in_one_call(dtype, runner, gen):
+    """NCHW planes of 32 * kVec values or more that are nearly whole chunks run lane-strided
+    (gather_plan.h: lane_strided), smaller ones in consecutive chunks; one call mixes them, so
+    lane-strided jobs start after padding items. Levels: 40x44 (1760 values: lane-strided),
+    9x10, 31x33 (1023: lane-strided, one value short of whole chunks), 3x2, 13x15 (195:
+    consecutive), with 7 planes (a partial group), forward and backward."""
+    x = make_input(gen, (1, 7, 40, 44), dtype).requires_grad_()
+    sizes = [(40, 44), (9, 10), (31, 33), (3, 2), (13, 15)]
+    outs = msfast.pyramid(x, sizes=sizes, mode="bilinear", antialias=True)
+    xr = x.detach().clone().requires_grad_()
+    refs = ref_pyramid(xr, sizes=sizes, mode="bilinear", antialias=True)
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, **tol(dtype))
+    gs = [randn(gen, *o.shape, dtype=dtype) for o in outs]
+    torch.autograd.backward(outs, gs)
+    torch.autograd.backward(refs, gs)
+    torch.testing.assert_close(x.grad, xr.grad, **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_same_values_as_the_cpu_kernels(layout, runner, gen):
     """float64: the two code paths read the same tables; they agree to rounding."""

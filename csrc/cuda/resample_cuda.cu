@@ -24,7 +24,7 @@
 namespace msfast {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 
 // The job and term descriptors travel in the kernel's parameters when they fit (nearly
 // every call: about 170 bytes per output): no upload, nothing to allocate, and a CUDA graph
@@ -37,12 +37,13 @@ struct DescParam {
 // Descriptors (jobs, then terms) are copied to shared memory once per block: every item
 // reads them, and from global memory their chain of dependent loads would dominate. They
 // come from the parameters, or from desc_global where they did not fit there.
-// At least two blocks of kThreads per SM (at most 128 registers a thread) for the float32
-// kernels: a work item's chain of dependent loads (descriptors, tables, sources) is long, so
-// the kernel needs many items in flight. (Their 64-bit index variants then spill a few bytes;
-// the float64 kernels, which would spill more, are left unconstrained.)
+// Blocks of 128 threads, and for the float32 kernels at most 128 registers a thread: a work
+// item's chain of dependent loads (descriptors, tables, sources) is long, so the kernel needs
+// many items in flight. They take 95 registers (CUDA 13, sm_90, no spill), so 20 warps fit an
+// SM in blocks of 128 where blocks of 256 fit 16; a bound of 96 made the compiler spill.
+// The float64 kernels need more and are left unconstrained.
 template <typename acc_t, typename I>
-constexpr int kMinBlocks = sizeof(acc_t) == 4 ? 2 : 1;
+constexpr int kMinBlocks = sizeof(acc_t) == 4 ? 4 : 1;
 
 template <typename src_t, typename dst_t, typename acc_t, typename I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, I>)
@@ -215,7 +216,7 @@ void launch(const Plan& g, const at::Device& device) {
   const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
   const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
   const char* d = static_cast<const char*>(tab.data_ptr());
-  const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * 16);
+  const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * 32);
   resample_kernel<src_t, dst_t, acc_t, I><<<blocks, kThreads, desc_bytes, stream>>>(
       pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
       static_cast<int>(g.jobs.size()), static_cast<int>(terms_off), reinterpret_cast<const int32_t*>(d),

@@ -1,18 +1,21 @@
-// The CUDA kernel's arithmetic, host+device: how one work item (one output position in up to
+// The CUDA kernel's arithmetic, host+device: how one work item (kVec values in each of up to
 // kPlanes planes) is computed from the job descriptors and the tap tables. The CUDA kernel
 // (csrc/cuda/resample_cuda.cu) calls gather_item for its items; the CPU backend can run the
 // very same function over all items (csrc/cpu/gather_cpu.cpp, msfast._C._set_cpu_runner), so
 // CPU-only CI checks the CUDA path's indexing, descriptors and tables against the reference.
 //
-// Work items: one item is kVec consecutive values in each of kPlanes planes (a plane: an
-// image's channel for NCHW, an image for channels_last), at one output row. NCHW: the values
-// are kVec consecutive pixels of the row, each with its own horizontal taps; channels_last:
-// kVec consecutive channels of one pixel, sharing its taps. Items run through a job's plane
-// groups, then rows, then chunks of the row (NCHW: ceil(W / kVec) per row; channels_last:
-// W * ceil(C / kVec)), so the 32 threads of a warp store one contiguous run and load from
-// one neighbourhood. What a thread decodes (its job, position, planes, vertical taps and
-// source rows) serves kPlanes * kVec values: the first GPU runs, with one value in four
-// planes per item, were bound by instruction issue, at about 90 instructions per value.
+// Work items: a plane is an image's channel (NCHW) or an image (channels_last); a job's
+// planes go in groups of kPlanes, and an item's values share their planes, so what a thread
+// decodes (its job, planes, pointers) and each table load serve kPlanes values. Within a
+// group, items take (gather_plan.h: group_items)
+//  - large NCHW planes: lane-strided chunks, the 32 lanes of a warp on 32 consecutive
+//    values of a plane, kVec times (see gather_item);
+//  - small NCHW planes: kVec consecutive pixels of a row, each with its own horizontal taps;
+//  - channels_last: kVec consecutive channels of a pixel, sharing its taps (one vector load
+//    per tap and plane on a GPU).
+// The first GPU runs, with one value in four planes per item, were bound by instruction issue
+// (about 90 instructions per value); the second, with 4 consecutive pixels of a row in two
+// planes, by L1 requests (a warp's loads were four runs 16 bytes apart).
 // Tables are tap-major (weight k of output o at k * out + o), so that a warp's weight loads
 // are contiguous.
 //
@@ -30,7 +33,7 @@
 namespace msfast {
 
 constexpr int kPlanes = 4;  // planes per work item
-constexpr int kVec = 4;     // consecutive values per plane per work item
+constexpr int kVec = 2;     // consecutive values per plane per work item
 
 template <typename U>
 struct QuotRem {
@@ -86,16 +89,18 @@ template <typename I>
 struct GJob {
   void* dst;
   I s_outer, s_inner, row, px;
-  Divider<I> group;   // items of a plane group: H * chunks
-  Divider<I> chunks;  // items of a row: ceil(W / kVec) (NCHW) or W * ceil(C / kVec) (channels_last)
+  Divider<I> group;   // items of a plane group (see job_items in gather_plan.h)
+  Divider<I> chunks;  // consecutive chunks: items of a row, ceil(W / kVec) or W * ceil(C / kVec)
   Divider<I> cchunks; // channels_last: items of a pixel, ceil(C / kVec)
   Divider<I> pdiv;    // plane p is (image p / pdiv, channel p % pdiv)
-  I H, W, planes;
+  Divider<I> W;       // output width
+  I H, HW, planes, groups;
   std::make_unsigned_t<I> first_item;  // prefix sum of items over jobs
   int32_t first_term, n_terms;
   I affine;  // offset of scale[C], shift[C] in weights[], or -1
   I channels;
   bool cl;
+  bool lanes;  // NCHW, large planes: lane-strided values (see gather_item)
 };
 
 template <typename T>
@@ -107,40 +112,39 @@ MSFAST_HD T load_table(const T* p) {
 #endif
 }
 
-// Where a work item writes and reads: its output row and the first value of its chunk, its
-// planes as (image, channel), and how many of its kVec values exist (the last chunk of a row
-// or pixel can be partial; its missing values are computed from clamped, valid reads and
-// not stored).
+// Where a work item writes and reads: the output pixel of each of its kVec values (NCHW) or
+// the pixel and first channel of its chunk (channels_last), which of its values exist (a
+// missing one is computed from clamped, valid reads and not stored), and its planes as
+// (image, channel).
 template <typename I>
 struct GPos {
-  I oy, ox, c0;  // NCHW: values at ox .. ox + n - 1, c0 = 0; channels_last: channels c0 .. c0 + n - 1 at ox
-  int n;
+  I oy[kVec], ox[kVec];  // channels_last: the pixel, in [0]
+  I c0;                  // channels_last: channels c0 .. c0 + n - 1
+  int n;                 // consecutive chunks: values that exist
+  bool ok[kVec];         // values that exist
+  bool consecutive;      // the values are n consecutive elements of one row (NCHW) or pixel
   I pn[kPlanes], pc[kPlanes];
   int np;  // planes of the group that exist
 };
 
-// Adds one NCHW term: value v (pixel ox + v) gets sum_ky wy * (sum_kx wx * src), its own
-// horizontal taps. KY, KX: the tap counts where known at compile time (1 and 2: copies,
-// nearest, bilinear upsampling; the loops unroll), 0 where read from the term (any count).
+// Adds one NCHW term: value v (pixel oy[v], ox[v]) gets sum_ky wy * (sum_kx wx * src).
+// KY, KX: the tap counts where known at compile time (1 and 2: copies, nearest, bilinear
+// upsampling; the loops unroll), 0 where read from the term (any count).
 template <int KY, int KX, typename src_t, typename acc_t, typename I>
 MSFAST_HD void add_term_rows(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, const GPos<I>& q,
                              const int32_t* starts, const acc_t* weights, I H, I W) {
   const int32_t ky_n = KY ? KY : tm.Ky, kx_n = KX ? KX : tm.Kx;
-  const I y0 = load_table(starts + tm.ys + q.oy);
-  I ox[kVec], x0[kVec];
+  I off[kVec];  // each value's first source tap, from its plane's start
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) {
-    ox[v] = q.ox + (v < q.n ? v : q.n - 1);
-    x0[v] = load_table(starts + tm.xs + ox[v]);
-  }
-  // One pointer per plane to its first source row: a load is then pointer + 32-bit offset.
+  for (int v = 0; v < kVec; ++v)
+    off[v] = load_table(starts + tm.ys + q.oy[v]) * tm.row + load_table(starts + tm.xs + q.ox[v]);
+  // One pointer per plane: a load is then pointer + 32-bit offset.
   const src_t* base[kPlanes];
 #pragma unroll
   for (int p = 0; p < kPlanes; ++p)
-    base[p] = static_cast<const src_t*>(tm.src) + (q.pn[p] * tm.s_outer + q.pc[p] * tm.s_inner + y0 * tm.row);
+    base[p] = static_cast<const src_t*>(tm.src) + (q.pn[p] * tm.s_outer + q.pc[p] * tm.s_inner);
 #pragma unroll
   for (int32_t ky = 0; ky < ky_n; ++ky) {
-    const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy);
     const I r = ky * tm.row;
     // Taps outer, values and planes inner: the kPlanes * kVec loads of a tap are independent,
     // so a long filter (a downscale, a gradient) is a chain of Kx steps, not of kVec * Kx;
@@ -150,19 +154,21 @@ MSFAST_HD void add_term_rows(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, co
     for (int p = 0; p < kPlanes; ++p)
 #pragma unroll
       for (int v = 0; v < kVec; ++v) s[p][v] = acc_t(0);
-#pragma unroll 2
+#pragma unroll 1
     for (int32_t kx = 0; kx < kx_n; ++kx) {
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
-        const acc_t wx = load_table(weights + tm.xw + kx * W + ox[v]);
+        const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox[v]);
 #pragma unroll
-        for (int p = 0; p < kPlanes; ++p) s[p][v] += wx * static_cast<acc_t>(base[p][r + x0[v] + kx]);
+        for (int p = 0; p < kPlanes; ++p) s[p][v] += wx * static_cast<acc_t>(base[p][off[v] + r + kx]);
       }
     }
 #pragma unroll
-    for (int p = 0; p < kPlanes; ++p)
+    for (int v = 0; v < kVec; ++v) {
+      const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy[v]);
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) acc[p][v] += wy * s[p][v];
+      for (int p = 0; p < kPlanes; ++p) acc[p][v] += wy * s[p][v];
+    }
   }
 }
 
@@ -179,7 +185,7 @@ template <int KY, int KX, typename src_t, typename acc_t, typename I>
 MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, const GPos<I>& q,
                               const int32_t* starts, const acc_t* weights, I H, I W) {
   const int32_t ky_n = KY ? KY : tm.Ky, kx_n = KX ? KX : tm.Kx;
-  const I y0 = load_table(starts + tm.ys + q.oy), x0 = load_table(starts + tm.xs + q.ox);
+  const I y0 = load_table(starts + tm.ys + q.oy[0]), x0 = load_table(starts + tm.xs + q.ox[0]);
   I c[kVec];  // channel offsets, clamped in a partial chunk
 #pragma unroll
   for (int v = 0; v < kVec; ++v) c[v] = v < q.n ? v : q.n - 1;
@@ -195,15 +201,15 @@ MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, c
 #endif
 #pragma unroll
   for (int32_t ky = 0; ky < ky_n; ++ky) {
-    const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy);
+    const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy[0]);
     acc_t s[kPlanes][kVec];
 #pragma unroll
     for (int p = 0; p < kPlanes; ++p)
 #pragma unroll
       for (int v = 0; v < kVec; ++v) s[p][v] = acc_t(0);
-#pragma unroll 2
+#pragma unroll 1
     for (int32_t kx = 0; kx < kx_n; ++kx) {
-      const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox);
+      const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox[0]);
       const I off = ky * tm.row + kx * tm.px;
 #pragma unroll
       for (int p = 0; p < kPlanes; ++p) {
@@ -258,19 +264,47 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
     if (jobs[mid].first_item <= item) lo = mid; else hi = mid - 1;
   }
   const GJob<I>& j = jobs[lo];
-  GPos<I> q;
   const auto g = j.group.divmod(item - j.first_item);
-  const auto r = j.chunks.divmod(g.mod);
-  q.oy = static_cast<I>(r.div);
-  if (j.cl) {
-    const auto c = j.cchunks.divmod(r.mod);
-    q.ox = static_cast<I>(c.div);
-    q.c0 = static_cast<I>(c.mod) * kVec;
-    q.n = static_cast<int>(msf_min<I>(kVec, j.channels - q.c0));
+  if (static_cast<I>(g.div) >= j.groups) return;  // padding before a lane-strided job
+  GPos<I> q;
+  q.c0 = 0;
+  q.n = kVec;
+  q.consecutive = !j.lanes;
+  if (j.lanes) {
+    // Large NCHW planes: the 32 lanes of a warp take 32 consecutive values of the plane
+    // group, kVec times (value v of lane l in chunk w: w * 32 * kVec + 32 * v + l). Every
+    // load of a table or source row and every store of a warp is then one contiguous run;
+    // with 4 consecutive values per lane (the second GPU run) each was four runs 16 bytes
+    // apart, several L1 requests where one does.
+    const U w = g.mod >> 5, lane = g.mod & 31;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const U f = w * (32 * kVec) + 32 * v + lane;
+      q.ok[v] = f < static_cast<U>(j.HW);
+      const auto yx = j.W.divmod(q.ok[v] ? f : static_cast<U>(j.HW - 1));
+      q.oy[v] = static_cast<I>(yx.div);
+      q.ox[v] = static_cast<I>(yx.mod);
+    }
   } else {
-    q.ox = static_cast<I>(r.mod) * kVec;
-    q.c0 = 0;
-    q.n = static_cast<int>(msf_min<I>(kVec, j.W - q.ox));
+    // Consecutive chunks: kVec consecutive pixels of a row (NCHW, small planes) or channels
+    // of a pixel (channels_last), the last chunk of a row or pixel possibly partial.
+    const auto r = j.chunks.divmod(g.mod);
+    I oy = static_cast<I>(r.div), ox;
+    if (j.cl) {
+      const auto c = j.cchunks.divmod(r.mod);
+      ox = static_cast<I>(c.div);
+      q.c0 = static_cast<I>(c.mod) * kVec;
+      q.n = static_cast<int>(msf_min<I>(kVec, j.channels - q.c0));
+    } else {
+      ox = static_cast<I>(r.mod) * kVec;
+      q.n = static_cast<int>(msf_min<I>(kVec, static_cast<I>(j.W.d) - ox));
+    }
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      q.ok[v] = v < q.n;
+      q.oy[v] = oy;
+      q.ox[v] = j.cl ? ox : ox + (v < q.n ? v : q.n - 1);
+    }
   }
   // Past the last plane a slot repeats it (valid reads, no store), so the loops below need
   // no bounds.
@@ -287,17 +321,18 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
   for (int p = 0; p < kPlanes; ++p)
 #pragma unroll
     for (int v = 0; v < kVec; ++v) acc[p][v] = acc_t(0);
+  const I W = static_cast<I>(j.W.d);
   for (int t = 0; t < j.n_terms; ++t) {
     const GTerm<I>& tm = terms[j.first_term + t];
     const bool k11 = tm.Ky == 1 && tm.Kx == 1, k22 = tm.Ky == 2 && tm.Kx == 2;
     if (j.cl) {
-      if (k11) add_term_pixel<1, 1, src_t>(acc, tm, q, starts, weights, j.H, j.W);
-      else if (k22) add_term_pixel<2, 2, src_t>(acc, tm, q, starts, weights, j.H, j.W);
-      else add_term_pixel<0, 0, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+      if (k11) add_term_pixel<1, 1, src_t>(acc, tm, q, starts, weights, j.H, W);
+      else if (k22) add_term_pixel<2, 2, src_t>(acc, tm, q, starts, weights, j.H, W);
+      else add_term_pixel<0, 0, src_t>(acc, tm, q, starts, weights, j.H, W);
     } else {
-      if (k11) add_term_rows<1, 1, src_t>(acc, tm, q, starts, weights, j.H, j.W);
-      else if (k22) add_term_rows<2, 2, src_t>(acc, tm, q, starts, weights, j.H, j.W);
-      else add_term_rows<0, 0, src_t>(acc, tm, q, starts, weights, j.H, j.W);
+      if (k11) add_term_rows<1, 1, src_t>(acc, tm, q, starts, weights, j.H, W);
+      else if (k22) add_term_rows<2, 2, src_t>(acc, tm, q, starts, weights, j.H, W);
+      else add_term_rows<0, 0, src_t>(acc, tm, q, starts, weights, j.H, W);
     }
   }
 #pragma unroll
@@ -313,9 +348,14 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
         }
         out[v] = static_cast<dst_t>(x);
       }
-      dst_t* d = static_cast<dst_t*>(j.dst) +
-                 (q.pn[p] * j.s_outer + q.pc[p] * j.s_inner + q.oy * j.row + q.ox * j.px + q.c0);
-      store_values(d, out, q.n);
+      dst_t* d = static_cast<dst_t*>(j.dst) + (q.pn[p] * j.s_outer + q.pc[p] * j.s_inner);
+      if (q.consecutive) {
+        store_values(d + (q.oy[0] * j.row + q.ox[0] * j.px + q.c0), out, q.n);
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v)
+          if (q.ok[v]) d[q.oy[v] * j.row + q.ox[v]] = out[v];
+      }
     }
   }
 }
