@@ -1,69 +1,31 @@
 // CUDA backend: runs jobs (see msfast/ops.h) in one kernel launch per call. Its arithmetic
-// is gather_item (msfast/gather.h, host+device): one thread computes kVec consecutive values
-// in kPlanes planes as sum_ky wy * sum_kx wx * src in a fixed order, from the CPU's tap
-// tables (msfast/gather_plan.h). A backward (transposed tables) is a gather with no atomics,
+// is gather_item (msfast/gather.h, host+device): one thread computes kVec values in kPlanes
+// planes as sum_ky wy * sum_kx wx * src in a fixed order, from the CPU's tap tables
+// (msfast/gather_plan.h). A backward (transposed tables) is a gather with no atomics,
 // bitwise deterministic. The CPU tests run gather_item too (csrc/cpu/gather_cpu.cpp), so
-// what is left to this file is the launch: the descriptors (in the kernel's parameters),
-// the tables (cached on the device), the grid.
-#include <ATen/cuda/CUDAContext.h>
+// what is left to the CUDA files is the launch (cuda/launch.cuh: the descriptors in the
+// kernel's parameters, the grid) and, here, the uploads, the device cache of tables, the
+// dispatch on the source dtype and the registration.
 #include <ATen/cuda/CachingHostAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
-#include <string>
 #include <unordered_map>
-#include <cstring>
-#include <vector>
 
-#include "msfast/gather_plan.h"
+#include "cuda/launch.cuh"
 
 namespace msfast {
-namespace {
+namespace cuda {
 
-constexpr int kThreads = 128;
-
-// The job and term descriptors travel in the kernel's parameters when they fit (nearly
-// every call: about 170 bytes per output): no upload, nothing to allocate, and a CUDA graph
-// records them with the launch. 3840 bytes keeps every parameter within the classic 4 KiB.
-constexpr int kParamDescBytes = 3840;
-struct DescParam {
-  int4 data[kParamDescBytes / 16];
-};
-
-// Descriptors (jobs, then terms) are copied to shared memory once per block: every item
-// reads them, and from global memory their chain of dependent loads would dominate. They
-// come from the parameters, or from desc_global where they did not fit there.
-// Blocks of 128 threads, and for the float32 kernels at most 128 registers a thread: a work
-// item's chain of dependent loads (descriptors, tables, sources) is long, so the kernel needs
-// many items in flight. They take 95 registers (CUDA 13, sm_90, no spill), so 20 warps fit an
-// SM in blocks of 128 where blocks of 256 fit 16; a bound of 96 made the compiler spill.
-// The float64 kernels need more and are left unconstrained.
-template <typename acc_t, typename I>
-constexpr int kMinBlocks = sizeof(acc_t) == 4 ? 4 : 1;
-
-template <typename src_t, typename dst_t, typename acc_t, typename I>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, I>)
-resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes,
-                int n_jobs, int terms_off, const int32_t* __restrict__ starts, const acc_t* __restrict__ weights,
-                std::make_unsigned_t<I> total) {
-  using U = std::make_unsigned_t<I>;
-  extern __shared__ int4 smem[];
-  if (desc_global) {
-    for (int i = threadIdx.x; i < desc_bytes / 16; i += kThreads) smem[i] = desc_global[i];
-  } else {
-    for (int i = threadIdx.x; i < desc_bytes / 16; i += kThreads) smem[i] = pd.data[i];
-  }
-  __syncthreads();
-  const auto* jobs = reinterpret_cast<const GJob<I>*>(smem);
-  const auto* terms = reinterpret_cast<const GTerm<I>*>(reinterpret_cast<const char*>(smem) + terms_off);
-  const U stride = static_cast<U>(gridDim.x) * kThreads;
-  for (U item = static_cast<U>(blockIdx.x) * kThreads + threadIdx.x; item < total; item += stride)
-    gather_item<src_t, dst_t, acc_t, I>(jobs, n_jobs, terms, starts, weights, item);
-}
+// Built in csrc/cuda/kernels_*.cu, one file per source dtype.
+extern template void run_src<uint8_t>(const std::vector<Job>&, at::ScalarType);
+extern template void run_src<at::Half>(const std::vector<Job>&, at::ScalarType);
+extern template void run_src<at::BFloat16>(const std::vector<Job>&, at::ScalarType);
+extern template void run_src<float>(const std::vector<Job>&, at::ScalarType);
+extern template void run_src<double>(const std::vector<Job>&, at::ScalarType);
 
 // Copies bytes carried in the kernel's own parameters: under CUDA graph capture the
 // parameters are recorded in the graph, so a replay needs no host memory that could have
@@ -76,17 +38,6 @@ struct ParamChunk {
 __global__ void upload_kernel(ParamChunk c) {
   for (int i = threadIdx.x; i < c.n; i += blockDim.x) c.dst[i] = c.data[i];
 }
-
-// Host-side blob builder: 16-byte aligned appends.
-struct Blob {
-  std::vector<char> bytes;
-  int64_t put(const void* p, size_t n) {
-    const size_t off = (bytes.size() + 15) / 16 * 16;
-    bytes.resize(off + n);
-    if (n) std::memcpy(bytes.data() + off, p, n);
-    return static_cast<int64_t>(off);
-  }
-};
 
 // A blob on the device, copied on `stream`.
 at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream, bool capturing) {
@@ -185,58 +136,15 @@ at::Tensor device_tables(const std::string& key, const Blob& b, const at::Device
   return t;
 }
 
-template <typename src_t, typename dst_t, typename acc_t, typename Plan>
-void launch(const Plan& g, const at::Device& device) {
-  using I = typename Plan::index_t;
-  if (g.total == 0) return;
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  const bool capturing = capture != cudaStreamCaptureStatusNone;
-  // [jobs][terms], copied to shared memory by each block.
-  Blob desc;
-  desc.put(g.jobs.data(), g.jobs.size() * sizeof(GJob<I>));
-  const int64_t terms_off = desc.put(g.terms.data(), g.terms.size() * sizeof(GTerm<I>));
-  const int64_t desc_bytes = (static_cast<int64_t>(desc.bytes.size()) + 15) / 16 * 16;
-  desc.bytes.resize(desc_bytes);
-  TORCH_CHECK_VALUE(desc_bytes <= static_cast<int64_t>(props->sharedMemPerBlock),
-                    "msfast: too many pyramid levels or features in one call (", g.jobs.size(), " outputs, ",
-                    g.terms.size(), " inputs)");
-  DescParam pd;
-  at::Tensor desc_dev;  // only where the descriptors do not fit the parameters
-  if (desc_bytes <= kParamDescBytes) {
-    std::memcpy(pd.data, desc.bytes.data(), desc_bytes);
-  } else {
-    desc_dev = upload(desc, device, stream, capturing);
-  }
-  // [starts][weights]
-  Blob tables;
-  tables.put(g.starts.data(), g.starts.size() * sizeof(int32_t));
-  const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
-  const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
-  const char* d = static_cast<const char*>(tab.data_ptr());
-  const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * 32);
-  resample_kernel<src_t, dst_t, acc_t, I><<<blocks, kThreads, desc_bytes, stream>>>(
-      pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
-      static_cast<int>(g.jobs.size()), static_cast<int>(terms_off), reinterpret_cast<const int32_t*>(d),
-      reinterpret_cast<const acc_t*>(d + weights_off), static_cast<std::make_unsigned_t<I>>(g.total));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // `desc_dev` and an uncached `tab` go back to the caching allocator here; it is
-  // stream-ordered, so the blocks are not handed out to other work on this stream before the
-  // kernel has run.
-}
+}  // namespace cuda
+
+namespace {
 
 void run_cuda(const std::vector<Job>& jobs) {
   if (jobs.empty() || jobs[0].terms.empty()) return;
   const auto [st, dt] = check_jobs(jobs, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(jobs[0].dst.device());
-  with_types(st, dt, [&](auto s, auto d, auto a) {
-    using S = decltype(s);
-    using D = decltype(d);
-    using A = decltype(a);
-    with_gather_plan<A>(jobs, [&](const auto& plan) { launch<S, D, A>(plan, jobs[0].dst.device()); });
-  });
+  with_type(st, [&](auto s) { cuda::run_src<decltype(s)>(jobs, dt); });
 }
 
 }  // namespace

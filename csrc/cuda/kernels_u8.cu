@@ -1,0 +1,10 @@
+// The CUDA kernels for uint8_t inputs (every output dtype): see cuda/launch.cuh.
+#include "cuda/launch.cuh"
+
+namespace msfast {
+namespace cuda {
+
+template void run_src<uint8_t>(const std::vector<Job>& jobs, at::ScalarType dst_type);
+
+}  // namespace cuda
+}  // namespace msfast
