@@ -3,11 +3,12 @@ profiler's own overhead), then torch.profiler tables (host and kernel time) for 
 (pyramid at N=1, forward + backward) and the large ones (fpn_concat and pyramid at N=32: kernel
 time), msfast against the reference. Run by benchmarks/gpu_check.sh.
 
-    python benchmarks/gpu_profile.py
+    python benchmarks/gpu_profile.py [--host-only]
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -53,10 +54,48 @@ def _host_us(case: str, pass_: str, impl: str, calls: int = 200) -> None:
           f"(best of 5 loops of {calls})")
 
 
+def _per_call_us(fn, calls: int = 300) -> float:
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def _host_parts() -> None:
+    """The parts of msfast.pyramid's host time at N=1 (one 224x224 image, 3 levels, no grad)."""
+    from msfast import _args, _ops
+
+    x = torch.randn(1, 3, 224, 224, device="cuda")
+    scales = [1.0, 0.5, 0.25]
+    a = _args.pyramid_args(x, scales, None, "bilinear", True, None, None, None, None)
+    flat = _ops._flat(a.sizes)
+    with torch.no_grad():
+        parts = {
+            "msfast.pyramid": lambda: _ops.pyramid(x, scales, mode="bilinear", antialias=True),
+            "pyramid_args (Python checks)": lambda: _args.pyramid_args(x, scales, None, "bilinear", True, None,
+                                                                       None, None, None),
+            "torch.ops.msfast.pyramid": lambda: _ops._OPS.pyramid(x, flat, a.scales, a.mode, a.antialias,
+                                                                  a.align_corners, a.mean, a.std, a.out_dtype),
+            "three torch.empty on cuda": lambda: [torch.empty(1, 3, 112, 112, device="cuda") for _ in range(3)],
+            "one small aten kernel (x.mul(2))": lambda: x.mul(2),
+        }
+        for name, fn in parts.items():
+            print(f"host part: {name}: {_per_call_us(fn):.1f} us a call")
+
+
 def main() -> None:
     for case, pass_ in (("pyramid_n1", "fwd"), ("pyramid_n1", "fwd+bwd"), ("pyramid", "fwd+bwd")):
         for impl in ("msfast", "reference"):
             _host_us(case, pass_, impl)
+    _host_parts()
+    if "--host-only" in sys.argv:
+        return
     for impl in ("msfast", "reference"):
         _profile("pyramid_n1", "nchw", "fwd+bwd", impl)
     for impl in ("msfast", "reference"):

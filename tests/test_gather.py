@@ -134,11 +134,12 @@ def test_upsample_concat_out_channel_slices(layout, runner, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lane_strided_and_consecutive_chunks_in_one_call(dtype, runner, gen):
-    """NCHW planes of 32 * kVec values or more that are nearly whole chunks run lane-strided
-    (gather_plan.h: lane_strided), smaller ones in consecutive chunks; one call mixes them, so
-    lane-strided jobs start after padding items. Levels: 40x44 (1760 values: lane-strided),
-    9x10, 31x33 (1023: lane-strided, one value short of whole chunks), 3x2, 13x15 (195:
-    consecutive), with 7 planes (a partial group), forward and backward."""
+    """In a call of the general item shape (here: antialias downscales), NCHW planes that
+    nearly fill chunks of 64 values run lane-strided (gather_plan.h: lane_strided), others in
+    consecutive chunks; one call mixes them, so lane-strided jobs start after padding items.
+    Levels: 40x44 (1760 values: lane-strided), 9x10, 31x33 (1023: lane-strided, one value
+    short of whole chunks), 3x2, 13x15 (195: consecutive), with 7 planes (a partial group),
+    forward and backward."""
     x = make_input(gen, (1, 7, 40, 44), dtype).requires_grad_()
     sizes = [(40, 44), (9, 10), (31, 33), (3, 2), (13, 15)]
     outs = msfast.pyramid(x, sizes=sizes, mode="bilinear", antialias=True)
@@ -150,6 +151,26 @@ def test_lane_strided_and_consecutive_chunks_in_one_call(dtype, runner, gen):
     torch.autograd.backward(outs, gs)
     torch.autograd.backward(refs, gs)
     torch.testing.assert_close(x.grad, xr.grad, **(GRAD_TOL if dtype == torch.float32 else tol(dtype)))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_upscale_shape_mixed_tap_counts(layout, runner, gen):
+    """Calls whose terms have 1 or 2 taps per axis take the upscale item shape, with a kernel
+    specialized for each of 1x1, 1x2, 2x1 and 2x2: a copy, an upscale of the width only, of
+    the height only, of both, in one call (and their gradients, which take the general
+    shape)."""
+    cl = layout == "channels_last"
+    feats = [randn(gen, 2, c, h, w, channels_last=cl, requires_grad=True)
+             for c, h, w in [(3, 12, 20), (5, 12, 9), (6, 5, 20), (7, 6, 7)]]
+    refs = [f.detach().clone().requires_grad_() for f in feats]
+    out = msfast.upsample_concat(feats, (12, 20))
+    ref = ref_upsample_concat(refs, (12, 20))
+    torch.testing.assert_close(out, ref, **tol(torch.float32, upscale=True))
+    g = randn(gen, *out.shape)
+    out.backward(g)
+    ref.backward(g)
+    for f, r in zip(feats, refs):
+        torch.testing.assert_close(f.grad, r.grad, **GRAD_TOL)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

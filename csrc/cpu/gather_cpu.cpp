@@ -57,11 +57,12 @@ void run_gather_cpu(const std::vector<Job>& jobs) {
     using D = decltype(d);
     using A = decltype(a);
     with_gather_plan<A>(jobs, [&](const auto& g) {
-      using I = typename std::decay_t<decltype(g)>::index_t;
+      using Plan = std::decay_t<decltype(g)>;
+      using I = typename Plan::index_t;
       using U = std::make_unsigned_t<I>;
       at::parallel_for(0, g.total, 1024, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
-          gather_item<S, D, A, I>(g.jobs.data(), static_cast<int>(g.jobs.size()), g.terms.data(), g.starts.data(),
+          gather_item<typename Plan::Shape, S, D, A, I>(g.jobs.data(), static_cast<int>(g.jobs.size()), g.terms.data(), g.starts.data(),
                                   g.weights.data(), static_cast<U>(i));
       });
     });

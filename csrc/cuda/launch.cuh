@@ -30,16 +30,16 @@ struct DescParam {
 // Descriptors (jobs, then terms) are copied to shared memory once per block: every item
 // reads them, and from global memory their chain of dependent loads would dominate. They
 // come from the parameters, or from desc_global where they did not fit there.
-// Blocks of 128 threads, and for the float32 kernels at most 128 registers a thread: a work
-// item's chain of dependent loads (descriptors, tables, sources) is long, so the kernel needs
-// many items in flight. They take 95 registers (CUDA 13, sm_90, no spill), so 20 warps fit an
-// SM in blocks of 128 where blocks of 256 fit 16; a bound of 96 made the compiler spill.
+// Blocks of 128 threads, and a register bound per float32 kernel: a work item's chain of
+// dependent loads (descriptors, tables, sources) is long, so the kernel needs many items in
+// flight. CUDA 13, sm_90: the upscale kernel fits 80 registers (24 warps per SM; 24 bytes
+// spilled), the general one 96 (20 warps; none spilled, where 128 would leave 16 warps).
 // The float64 kernels need more and are left unconstrained.
-template <typename acc_t, typename I>
-constexpr int kMinBlocks = sizeof(acc_t) == 4 ? 4 : 1;
+template <typename Shape, typename acc_t>
+constexpr int kMinBlocks = sizeof(acc_t) != 4 ? 1 : Shape::kShortTaps ? 6 : 5;
 
-template <typename src_t, typename dst_t, typename acc_t, typename I>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, I>)
+template <typename Shape, typename src_t, typename dst_t, typename acc_t, typename I>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<Shape, acc_t>)
 resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes,
                 int n_jobs, int terms_off, const int32_t* __restrict__ starts, const acc_t* __restrict__ weights,
                 std::make_unsigned_t<I> total) {
@@ -55,7 +55,7 @@ resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ d
   const auto* terms = reinterpret_cast<const GTerm<I>*>(reinterpret_cast<const char*>(smem) + terms_off);
   const U stride = static_cast<U>(gridDim.x) * kThreads;
   for (U item = static_cast<U>(blockIdx.x) * kThreads + threadIdx.x; item < total; item += stride)
-    gather_item<src_t, dst_t, acc_t, I>(jobs, n_jobs, terms, starts, weights, item);
+    gather_item<Shape, src_t, dst_t, acc_t, I>(jobs, n_jobs, terms, starts, weights, item);
 }
 
 // Host-side blob builder: 16-byte aligned appends.
@@ -108,7 +108,7 @@ void launch(const Plan& g, const at::Device& device) {
   const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
   const char* d = static_cast<const char*>(tab.data_ptr());
   const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * 32);
-  resample_kernel<src_t, dst_t, acc_t, I><<<blocks, kThreads, desc_bytes, stream>>>(
+  resample_kernel<typename Plan::Shape, src_t, dst_t, acc_t, I><<<blocks, kThreads, desc_bytes, stream>>>(
       pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
       static_cast<int>(g.jobs.size()), static_cast<int>(terms_off), reinterpret_cast<const int32_t*>(d),
       reinterpret_cast<const acc_t*>(d + weights_off), static_cast<std::make_unsigned_t<I>>(g.total));

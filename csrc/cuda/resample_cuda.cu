@@ -1,5 +1,5 @@
 // CUDA backend: runs jobs (see msfast/ops.h) in one kernel launch per call. Its arithmetic
-// is gather_item (msfast/gather.h, host+device): one thread computes kVec values in kPlanes
+// is gather_item (msfast/gather.h, host+device): one thread computes V values in P
 // planes as sum_ky wy * sum_kx wx * src in a fixed order, from the CPU's tap tables
 // (msfast/gather_plan.h). A backward (transposed tables) is a gather with no atomics,
 // bitwise deterministic. The CPU tests run gather_item too (csrc/cpu/gather_cpu.cpp), so

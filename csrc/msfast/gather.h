@@ -1,17 +1,18 @@
-// The CUDA kernel's arithmetic, host+device: how one work item (kVec values in each of up to
-// kPlanes planes) is computed from the job descriptors and the tap tables. The CUDA kernel
+// The CUDA kernel's arithmetic, host+device: how one work item (V values in each of up to
+// P planes) is computed from the job descriptors and the tap tables. The CUDA kernel
 // (csrc/cuda/resample_cuda.cu) calls gather_item for its items; the CPU backend can run the
 // very same function over all items (csrc/cpu/gather_cpu.cpp, msfast._C._set_cpu_runner), so
 // CPU-only CI checks the CUDA path's indexing, descriptors and tables against the reference.
 //
 // Work items: a plane is an image's channel (NCHW) or an image (channels_last); a job's
-// planes go in groups of kPlanes, and an item's values share their planes, so what a thread
-// decodes (its job, planes, pointers) and each table load serve kPlanes values. Within a
+// planes go in groups of P, and an item's values (V in each plane) share their planes, so
+// what a thread decodes (its job, planes, pointers) and each table load serve P values.
+// (P, V) is the call's ItemShape (gather_plan.h: UpscaleShape, GeneralShape). Within a
 // group, items take (gather_plan.h: group_items)
-//  - large NCHW planes: lane-strided chunks, the 32 lanes of a warp on 32 consecutive
-//    values of a plane, kVec times (see gather_item);
-//  - small NCHW planes: kVec consecutive pixels of a row, each with its own horizontal taps;
-//  - channels_last: kVec consecutive channels of a pixel, sharing its taps (one vector load
+//  - large NCHW planes, where the shape allows: lane-strided chunks, the 32 lanes of a warp
+//    on 32 consecutive values of a plane, V times (see gather_item);
+//  - other NCHW planes: V consecutive pixels of a row, each with its own horizontal taps;
+//  - channels_last: V consecutive channels of a pixel, sharing its taps (one vector load
 //    per tap and plane on a GPU).
 // The first GPU runs, with one value in four planes per item, were bound by instruction issue
 // (about 90 instructions per value); the second, with 4 consecutive pixels of a row in two
@@ -32,8 +33,6 @@
 
 namespace msfast {
 
-constexpr int kPlanes = 4;  // planes per work item
-constexpr int kVec = 2;     // consecutive values per plane per work item
 
 template <typename U>
 struct QuotRem {
@@ -74,6 +73,15 @@ struct FixedDivider<uint32_t> {
 template <typename I>
 using Divider = FixedDivider<std::make_unsigned_t<I>>;
 
+// The shape of a work item: P planes x V values, whether large NCHW planes run lane-strided,
+// and whether every term has 1 or 2 taps per axis (then the kernel holds no loop over a
+// run-time tap count, and needs far fewer registers). gather_plan.h picks one per call.
+template <int P_, int V_, bool kLanes_, bool kShortTaps_>
+struct ItemShape {
+  static constexpr int P = P_, V = V_;
+  static constexpr bool kLanes = kLanes_, kShortTaps = kShortTaps_;
+};
+
 // One input of an output job: its strides (a View's) and where its tap tables sit in the
 // starts[] (int32) and weights[] (acc_t) arrays.
 template <typename I>
@@ -90,8 +98,8 @@ struct GJob {
   void* dst;
   I s_outer, s_inner, row, px;
   Divider<I> group;   // items of a plane group (see job_items in gather_plan.h)
-  Divider<I> chunks;  // consecutive chunks: items of a row, ceil(W / kVec) or W * ceil(C / kVec)
-  Divider<I> cchunks; // channels_last: items of a pixel, ceil(C / kVec)
+  Divider<I> chunks;  // consecutive chunks: items of a row, ceil(W / V) or W * ceil(C / V)
+  Divider<I> cchunks; // channels_last: items of a pixel, ceil(C / V)
   Divider<I> pdiv;    // plane p is (image p / pdiv, channel p % pdiv)
   Divider<I> W;       // output width
   I H, HW, planes, groups;
@@ -112,89 +120,89 @@ MSFAST_HD T load_table(const T* p) {
 #endif
 }
 
-// Where a work item writes and reads: the output pixel of each of its kVec values (NCHW) or
+// Where a work item writes and reads: the output pixel of each of its V values (NCHW) or
 // the pixel and first channel of its chunk (channels_last), which of its values exist (a
 // missing one is computed from clamped, valid reads and not stored), and its planes as
 // (image, channel).
-template <typename I>
+template <typename I, int P, int V>
 struct GPos {
-  I oy[kVec], ox[kVec];  // channels_last: the pixel, in [0]
+  I oy[V], ox[V];  // channels_last: the pixel, in [0]
   I c0;                  // channels_last: channels c0 .. c0 + n - 1
   int n;                 // consecutive chunks: values that exist
-  bool ok[kVec];         // values that exist
+  bool ok[V];         // values that exist
   bool consecutive;      // the values are n consecutive elements of one row (NCHW) or pixel
-  I pn[kPlanes], pc[kPlanes];
+  I pn[P], pc[P];
   int np;  // planes of the group that exist
 };
 
 // Adds one NCHW term: value v (pixel oy[v], ox[v]) gets sum_ky wy * (sum_kx wx * src).
 // KY, KX: the tap counts where known at compile time (1 and 2: copies, nearest, bilinear
 // upsampling; the loops unroll), 0 where read from the term (any count).
-template <int KY, int KX, typename src_t, typename acc_t, typename I>
-MSFAST_HD void add_term_rows(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, const GPos<I>& q,
+template <int P, int V, int KY, int KX, typename src_t, typename acc_t, typename I>
+MSFAST_HD void add_term_rows(acc_t (&acc)[P][V], const GTerm<I>& tm, const GPos<I, P, V>& q,
                              const int32_t* starts, const acc_t* weights, I H, I W) {
   const int32_t ky_n = KY ? KY : tm.Ky, kx_n = KX ? KX : tm.Kx;
-  I off[kVec];  // each value's first source tap, from its plane's start
+  I off[V];  // each value's first source tap, from its plane's start
 #pragma unroll
-  for (int v = 0; v < kVec; ++v)
+  for (int v = 0; v < V; ++v)
     off[v] = load_table(starts + tm.ys + q.oy[v]) * tm.row + load_table(starts + tm.xs + q.ox[v]);
   // One pointer per plane: a load is then pointer + 32-bit offset.
-  const src_t* base[kPlanes];
+  const src_t* base[P];
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p)
+  for (int p = 0; p < P; ++p)
     base[p] = static_cast<const src_t*>(tm.src) + (q.pn[p] * tm.s_outer + q.pc[p] * tm.s_inner);
 #pragma unroll
   for (int32_t ky = 0; ky < ky_n; ++ky) {
     const I r = ky * tm.row;
-    // Taps outer, values and planes inner: the kPlanes * kVec loads of a tap are independent,
-    // so a long filter (a downscale, a gradient) is a chain of Kx steps, not of kVec * Kx;
-    // unrolled by 2, two taps' loads are in flight at once (a step waits for its loads).
-    acc_t s[kPlanes][kVec];
+    // Taps outer, values and planes inner: the P * V loads of a tap are independent,
+    // so a long filter (a downscale, a gradient) is a chain of Kx steps, not of V * Kx;
+    // a known tap count (1 or 2) unrolls fully; a run-time one is not unrolled (registers).
+    acc_t s[P][V];
 #pragma unroll
-    for (int p = 0; p < kPlanes; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) s[p][v] = acc_t(0);
-#pragma unroll 1
+      for (int v = 0; v < V; ++v) s[p][v] = acc_t(0);
+#pragma unroll(KX > 0 ? KX : 1)
     for (int32_t kx = 0; kx < kx_n; ++kx) {
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) {
+      for (int v = 0; v < V; ++v) {
         const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox[v]);
 #pragma unroll
-        for (int p = 0; p < kPlanes; ++p) s[p][v] += wx * static_cast<acc_t>(base[p][off[v] + r + kx]);
+        for (int p = 0; p < P; ++p) s[p][v] += wx * static_cast<acc_t>(base[p][off[v] + r + kx]);
       }
     }
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
+    for (int v = 0; v < V; ++v) {
       const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy[v]);
 #pragma unroll
-      for (int p = 0; p < kPlanes; ++p) acc[p][v] += wy * s[p][v];
+      for (int p = 0; p < P; ++p) acc[p][v] += wy * s[p][v];
     }
   }
 }
 
-// kVec consecutive values as one aligned unit: one vector load or store on a GPU.
-template <typename T>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
+// V consecutive values as one aligned unit: one vector load or store on a GPU.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
 };
 
-// Adds one channels_last term: the kVec channels of a pixel share its taps, and each tap's
+// Adds one channels_last term: the V channels of a pixel share its taps, and each tap's
 // values are consecutive in memory: on a GPU one vector load per tap and plane where the
 // chunk is whole and every tap's address aligned (a quarter of the load instructions).
-template <int KY, int KX, typename src_t, typename acc_t, typename I>
-MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, const GPos<I>& q,
+template <int P, int V, int KY, int KX, typename src_t, typename acc_t, typename I>
+MSFAST_HD void add_term_pixel(acc_t (&acc)[P][V], const GTerm<I>& tm, const GPos<I, P, V>& q,
                               const int32_t* starts, const acc_t* weights, I H, I W) {
   const int32_t ky_n = KY ? KY : tm.Ky, kx_n = KX ? KX : tm.Kx;
   const I y0 = load_table(starts + tm.ys + q.oy[0]), x0 = load_table(starts + tm.xs + q.ox[0]);
-  I c[kVec];  // channel offsets, clamped in a partial chunk
+  I c[V];  // channel offsets, clamped in a partial chunk
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) c[v] = v < q.n ? v : q.n - 1;
-  const src_t* base[kPlanes];
-  bool vec = q.n == kVec && tm.row % kVec == 0 && tm.px % kVec == 0;
+  for (int v = 0; v < V; ++v) c[v] = v < q.n ? v : q.n - 1;
+  const src_t* base[P];
+  bool vec = q.n == V && tm.row % V == 0 && tm.px % V == 0;
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p) {
+  for (int p = 0; p < P; ++p) {
     base[p] = static_cast<const src_t*>(tm.src) + (q.pn[p] * tm.s_outer + y0 * tm.row + x0 * tm.px + q.c0);
-    vec = vec && reinterpret_cast<uintptr_t>(base[p]) % sizeof(Pack<src_t>) == 0;
+    vec = vec && reinterpret_cast<uintptr_t>(base[p]) % sizeof(Pack<src_t, V>) == 0;
   }
 #if !defined(__CUDA_ARCH__)
   vec = false;  // (the host reads value by value: no type punning)
@@ -202,61 +210,70 @@ MSFAST_HD void add_term_pixel(acc_t (&acc)[kPlanes][kVec], const GTerm<I>& tm, c
 #pragma unroll
   for (int32_t ky = 0; ky < ky_n; ++ky) {
     const acc_t wy = load_table(weights + tm.yw + ky * H + q.oy[0]);
-    acc_t s[kPlanes][kVec];
+    acc_t s[P][V];
 #pragma unroll
-    for (int p = 0; p < kPlanes; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) s[p][v] = acc_t(0);
-#pragma unroll 1
+      for (int v = 0; v < V; ++v) s[p][v] = acc_t(0);
+#pragma unroll(KX > 0 ? KX : 1)
     for (int32_t kx = 0; kx < kx_n; ++kx) {
       const acc_t wx = load_table(weights + tm.xw + kx * W + q.ox[0]);
       const I off = ky * tm.row + kx * tm.px;
 #pragma unroll
-      for (int p = 0; p < kPlanes; ++p) {
-        src_t x[kVec];
+      for (int p = 0; p < P; ++p) {
+        src_t x[V];
         if (vec) {
-          const Pack<src_t> pk = *reinterpret_cast<const Pack<src_t>*>(base[p] + off);
+          const Pack<src_t, V> pk = *reinterpret_cast<const Pack<src_t, V>*>(base[p] + off);
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) x[v] = pk.v[v];
+          for (int v = 0; v < V; ++v) x[v] = pk.v[v];
         } else {
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) x[v] = base[p][off + c[v]];
+          for (int v = 0; v < V; ++v) x[v] = base[p][off + c[v]];
         }
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) s[p][v] += wx * static_cast<acc_t>(x[v]);
+        for (int v = 0; v < V; ++v) s[p][v] += wx * static_cast<acc_t>(x[v]);
       }
     }
 #pragma unroll
-    for (int p = 0; p < kPlanes; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) acc[p][v] += wy * s[p][v];
+      for (int v = 0; v < V; ++v) acc[p][v] += wy * s[p][v];
   }
 }
 
-// Stores the first n of kVec consecutive values; on a GPU, one vector store where the chunk
+// Stores the first n of V consecutive values; on a GPU, one vector store where the chunk
 // is whole and aligned (a warp's stores are then full 16-byte runs).
-template <typename T>
-MSFAST_HD void store_values(T* dst, const T (&v)[kVec], int n) {
+template <int V, typename T>
+MSFAST_HD void store_values(T* dst, const T (&v)[V], int n) {
 #if defined(__CUDA_ARCH__)
-  if (n == kVec && reinterpret_cast<uintptr_t>(dst) % sizeof(Pack<T>) == 0) {
-    Pack<T> pk;
+  if (n == V && reinterpret_cast<uintptr_t>(dst) % sizeof(Pack<T, V>) == 0) {
+    Pack<T, V> pk;
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) pk.v[i] = v[i];
-    *reinterpret_cast<Pack<T>*>(dst) = pk;
+    for (int i = 0; i < V; ++i) pk.v[i] = v[i];
+    *reinterpret_cast<Pack<T, V>*>(dst) = pk;
     return;
   }
 #endif
 #pragma unroll
-  for (int i = 0; i < kVec; ++i)
+  for (int i = 0; i < V; ++i)
     if (i < n) dst[i] = v[i];
 }
 
 // Computes and stores one work item: each value is the sum over terms of
 // sum_ky wy * (sum_kx wx * src), in that order, whatever the plane, thread count and grid.
-template <typename src_t, typename dst_t, typename acc_t, typename I>
+// One term, in the job's layout, with KY x KX taps (0: read from the term).
+template <int P, int V, int KY, int KX, typename src_t, typename acc_t, typename I>
+MSFAST_HD void add_term(bool cl, acc_t (&acc)[P][V], const GTerm<I>& tm, const GPos<I, P, V>& q,
+                        const int32_t* starts, const acc_t* weights, I H, I W) {
+  if (cl) add_term_pixel<P, V, KY, KX, src_t>(acc, tm, q, starts, weights, H, W);
+  else add_term_rows<P, V, KY, KX, src_t>(acc, tm, q, starts, weights, H, W);
+}
+
+template <typename Shape, typename src_t, typename dst_t, typename acc_t, typename I>
 MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* terms, const int32_t* starts,
                            const acc_t* weights, std::make_unsigned_t<I> item) {
   using U = std::make_unsigned_t<I>;
+  constexpr int P = Shape::P, V = Shape::V;
   // The job of this item: jobs are few, a binary search over their prefix sums.
   int lo = 0, hi = n_jobs - 1;
   while (lo < hi) {
@@ -266,41 +283,42 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
   const GJob<I>& j = jobs[lo];
   const auto g = j.group.divmod(item - j.first_item);
   if (static_cast<I>(g.div) >= j.groups) return;  // padding before a lane-strided job
-  GPos<I> q;
+  GPos<I, P, V> q;
   q.c0 = 0;
-  q.n = kVec;
-  q.consecutive = !j.lanes;
-  if (j.lanes) {
+  q.n = V;
+  const bool lanes = Shape::kLanes && j.lanes;
+  q.consecutive = !lanes;
+  if (lanes) {
     // Large NCHW planes: the 32 lanes of a warp take 32 consecutive values of the plane
-    // group, kVec times (value v of lane l in chunk w: w * 32 * kVec + 32 * v + l). Every
+    // group, V times (value v of lane l in chunk w: w * 32 * V + 32 * v + l). Every
     // load of a table or source row and every store of a warp is then one contiguous run;
     // with 4 consecutive values per lane (the second GPU run) each was four runs 16 bytes
     // apart, several L1 requests where one does.
     const U w = g.mod >> 5, lane = g.mod & 31;
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      const U f = w * (32 * kVec) + 32 * v + lane;
+    for (int v = 0; v < V; ++v) {
+      const U f = w * (32 * V) + 32 * v + lane;
       q.ok[v] = f < static_cast<U>(j.HW);
       const auto yx = j.W.divmod(q.ok[v] ? f : static_cast<U>(j.HW - 1));
       q.oy[v] = static_cast<I>(yx.div);
       q.ox[v] = static_cast<I>(yx.mod);
     }
   } else {
-    // Consecutive chunks: kVec consecutive pixels of a row (NCHW, small planes) or channels
+    // Consecutive chunks: V consecutive pixels of a row (NCHW, small planes) or channels
     // of a pixel (channels_last), the last chunk of a row or pixel possibly partial.
     const auto r = j.chunks.divmod(g.mod);
     I oy = static_cast<I>(r.div), ox;
     if (j.cl) {
       const auto c = j.cchunks.divmod(r.mod);
       ox = static_cast<I>(c.div);
-      q.c0 = static_cast<I>(c.mod) * kVec;
-      q.n = static_cast<int>(msf_min<I>(kVec, j.channels - q.c0));
+      q.c0 = static_cast<I>(c.mod) * V;
+      q.n = static_cast<int>(msf_min<I>(V, j.channels - q.c0));
     } else {
-      ox = static_cast<I>(r.mod) * kVec;
-      q.n = static_cast<int>(msf_min<I>(kVec, static_cast<I>(j.W.d) - ox));
+      ox = static_cast<I>(r.mod) * V;
+      q.n = static_cast<int>(msf_min<I>(V, static_cast<I>(j.W.d) - ox));
     }
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
+    for (int v = 0; v < V; ++v) {
       q.ok[v] = v < q.n;
       q.oy[v] = oy;
       q.ox[v] = j.cl ? ox : ox + (v < q.n ? v : q.n - 1);
@@ -308,39 +326,42 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
   }
   // Past the last plane a slot repeats it (valid reads, no store), so the loops below need
   // no bounds.
-  const I p0 = static_cast<I>(g.div) * kPlanes;
-  q.np = j.planes - p0 < kPlanes ? static_cast<int>(j.planes - p0) : kPlanes;
+  const I p0 = static_cast<I>(g.div) * P;
+  q.np = j.planes - p0 < P ? static_cast<int>(j.planes - p0) : P;
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p) {
+  for (int p = 0; p < P; ++p) {
     const auto d = j.pdiv.divmod(static_cast<U>(p < q.np ? p0 + p : p0 + q.np - 1));
     q.pn[p] = static_cast<I>(d.div);
     q.pc[p] = static_cast<I>(d.mod);
   }
-  acc_t acc[kPlanes][kVec];
+  acc_t acc[P][V];
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p)
+  for (int p = 0; p < P; ++p)
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) acc[p][v] = acc_t(0);
+    for (int v = 0; v < V; ++v) acc[p][v] = acc_t(0);
   const I W = static_cast<I>(j.W.d);
   for (int t = 0; t < j.n_terms; ++t) {
     const GTerm<I>& tm = terms[j.first_term + t];
-    const bool k11 = tm.Ky == 1 && tm.Kx == 1, k22 = tm.Ky == 2 && tm.Kx == 2;
-    if (j.cl) {
-      if (k11) add_term_pixel<1, 1, src_t>(acc, tm, q, starts, weights, j.H, W);
-      else if (k22) add_term_pixel<2, 2, src_t>(acc, tm, q, starts, weights, j.H, W);
-      else add_term_pixel<0, 0, src_t>(acc, tm, q, starts, weights, j.H, W);
+    if constexpr (Shape::kShortTaps) {
+      if (tm.Ky == 1) {
+        if (tm.Kx == 1) add_term<P, V, 1, 1, src_t>(j.cl, acc, tm, q, starts, weights, j.H, W);
+        else add_term<P, V, 1, 2, src_t>(j.cl, acc, tm, q, starts, weights, j.H, W);
+      } else {
+        if (tm.Kx == 1) add_term<P, V, 2, 1, src_t>(j.cl, acc, tm, q, starts, weights, j.H, W);
+        else add_term<P, V, 2, 2, src_t>(j.cl, acc, tm, q, starts, weights, j.H, W);
+      }
     } else {
-      if (k11) add_term_rows<1, 1, src_t>(acc, tm, q, starts, weights, j.H, W);
-      else if (k22) add_term_rows<2, 2, src_t>(acc, tm, q, starts, weights, j.H, W);
-      else add_term_rows<0, 0, src_t>(acc, tm, q, starts, weights, j.H, W);
+      if (tm.Ky == 1 && tm.Kx == 1) add_term<P, V, 1, 1, src_t>(j.cl, acc, tm, q, starts, weights, j.H, W);
+      else if (tm.Ky == 2 && tm.Kx == 2) add_term<P, V, 2, 2, src_t>(j.cl, acc, tm, q, starts, weights, j.H, W);
+      else add_term<P, V, 0, 0, src_t>(j.cl, acc, tm, q, starts, weights, j.H, W);
     }
   }
 #pragma unroll
-  for (int p = 0; p < kPlanes; ++p) {
+  for (int p = 0; p < P; ++p) {
     if (p < q.np) {
-      dst_t out[kVec];
+      dst_t out[V];
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) {
+      for (int v = 0; v < V; ++v) {
         acc_t x = acc[p][v];
         if (j.affine >= 0) {
           const I c = j.cl ? q.c0 + (v < q.n ? v : 0) : q.pc[p];
@@ -353,7 +374,7 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
         store_values(d + (q.oy[0] * j.row + q.ox[0] * j.px + q.c0), out, q.n);
       } else {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v)
+        for (int v = 0; v < V; ++v)
           if (q.ok[v]) d[q.oy[v] * j.row + q.ox[v]] = out[v];
       }
     }

@@ -15,9 +15,10 @@
 
 namespace msfast {
 
-template <typename acc_t, typename I>
+template <typename acc_t, typename I, typename Shape_>
 struct GatherPlan {
   using index_t = I;
+  using Shape = Shape_;
   std::vector<GJob<I>> jobs;
   std::vector<GTerm<I>> terms;
   std::vector<int32_t> starts;
@@ -46,23 +47,38 @@ inline void key_append_axis(std::string& k, const Axis& a, bool adjoint) {
   key_append(k, adjoint);
 }
 
-// How gather.h lays out a destination's work items: per group of kPlanes planes, either
-// chunks of kVec consecutive values (a row's pixels for NCHW, a pixel's channels for
-// channels_last), or, for NCHW planes large enough that few lanes idle, lane-strided chunks
-// of 32 * kVec values (32 items), when those chunks are at least 85% full (kVec = 2: 3136
+// The two item shapes (gather.h: ItemShape). A call whose terms all have 1 or 2 taps per
+// axis (copies, nearest, bilinear upscales: fpn_concat and the like) takes the lean one:
+// 2 planes x 4 consecutive values, no loop over a tap count, a kernel of few registers. Any
+// other call (downscales, antialias, bicubic, gradients) takes 4 planes x 2 values, with
+// large NCHW planes lane-strided.
+using UpscaleShape = ItemShape<2, 4, false, true>;
+using GeneralShape = ItemShape<4, 2, true, false>;
+
+// How gather.h lays out a destination's work items: per group of P planes, either chunks of
+// V consecutive values (a row's pixels for NCHW, a pixel's channels for channels_last), or,
+// where the shape allows it, for NCHW planes large enough that few lanes idle, lane-strided
+// chunks of 32 * V values (32 items): when those chunks are at least 85% full (V = 2: 3136
 // values, 100%; 784, 94%; 196, 77%, and 49, 77%, take consecutive chunks).
-inline bool lane_strided(const View& dv) {
-  const int64_t hw = dv.H * dv.W, chunk = 32 * kVec;
-  return !dv.cl && hw * 100 >= 85 * chunk * ((hw + chunk - 1) / chunk);
+template <typename Shape>
+bool lane_strided(const View& dv) {
+  const int64_t hw = dv.H * dv.W, chunk = 32 * Shape::V;
+  return Shape::kLanes && !dv.cl && hw * 100 >= 85 * chunk * ((hw + chunk - 1) / chunk);
 }
-inline int64_t row_chunks(const View& dv) {
-  return dv.cl ? dv.W * ((dv.cp + kVec - 1) / kVec) : (dv.W + kVec - 1) / kVec;
+template <typename Shape>
+int64_t row_chunks(const View& dv) {
+  constexpr int64_t V = Shape::V;
+  return dv.cl ? dv.W * ((dv.cp + V - 1) / V) : (dv.W + V - 1) / V;
 }
-inline int64_t group_items(const View& dv) {
-  const int64_t chunk = 32 * kVec;
-  return lane_strided(dv) ? 32 * ((dv.H * dv.W + chunk - 1) / chunk) : dv.H * row_chunks(dv);
+template <typename Shape>
+int64_t group_items(const View& dv) {
+  const int64_t chunk = 32 * Shape::V;
+  return lane_strided<Shape>(dv) ? 32 * ((dv.H * dv.W + chunk - 1) / chunk) : dv.H * row_chunks<Shape>(dv);
 }
-inline int64_t job_items(const View& dv) { return (dv.planes + kPlanes - 1) / kPlanes * group_items(dv); }
+template <typename Shape>
+int64_t job_items(const View& dv) {
+  return (dv.planes + Shape::P - 1) / Shape::P * group_items<Shape>(dv);
+}
 
 // The largest element offset a tensor's strides reach from its data pointer.
 inline int64_t max_offset(const at::Tensor& t) {
@@ -88,7 +104,8 @@ inline bool gather_fits_int32(const std::vector<Job>& jobs) {
   constexpr int64_t lim = (int64_t{1} << 31) - (int64_t{1} << 24);
   int64_t total = 0, taps = 0;
   for (const auto& job : jobs) {
-    total += job_items(make_view(job.dst, job.channels_last));
+    const View dv = make_view(job.dst, job.channels_last);
+    total += dv.planes * dv.H * dv.W * dv.cp + 32;  // values (at least the items) and padding
     if (max_offset(job.dst) >= lim) return false;
     for (const auto& t : job.terms) {
       if (max_offset(t.src) >= lim) return false;
@@ -107,10 +124,10 @@ void put_strides(D& d, const View& v) {
   d.px = static_cast<I>(v.px);
 }
 
-template <typename acc_t, typename I>
-GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
+template <typename acc_t, typename I, typename Shape>
+GatherPlan<acc_t, I, Shape> make_gather_plan(const std::vector<Job>& jobs) {
   using U = std::make_unsigned_t<I>;
-  GatherPlan<acc_t, I> g;
+  GatherPlan<acc_t, I, Shape> g;
   key_append(g.key, sizeof(acc_t));
   auto div = [](int64_t d) { return Divider<I>(static_cast<U>(std::max<int64_t>(d, 1))); };
   // Weights go in tap-major (gather.h: a warp's loads of one tap are then contiguous).
@@ -124,24 +141,24 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
   };
   for (const auto& job : jobs) {
     const View dv = make_view(job.dst, job.channels_last);
-    const int64_t items = job_items(dv);
+    const int64_t items = job_items<Shape>(dv);
     if (items == 0) continue;
     GJob<I> gj;
-    gj.lanes = lane_strided(dv);
+    gj.lanes = lane_strided<Shape>(dv);
     // A lane-strided job starts at a multiple of 32 items, so that a warp's lanes are one
     // chunk's; the items skipped decode as past the previous job's last group (no work).
     if (gj.lanes) g.total = (g.total + 31) / 32 * 32;
     gj.dst = job.dst.data_ptr();
     put_strides<I>(gj, dv);
-    gj.group = div(group_items(dv));
-    gj.chunks = div(row_chunks(dv));
-    gj.cchunks = div((dv.cp + kVec - 1) / kVec);
+    gj.group = div(group_items<Shape>(dv));
+    gj.chunks = div(row_chunks<Shape>(dv));
+    gj.cchunks = div((dv.cp + Shape::V - 1) / Shape::V);
     gj.pdiv = div(dv.pdiv);
     gj.W = div(dv.W);
     gj.H = static_cast<I>(dv.H);
     gj.HW = static_cast<I>(dv.H * dv.W);
     gj.planes = static_cast<I>(dv.planes);
-    gj.groups = static_cast<I>((dv.planes + kPlanes - 1) / kPlanes);
+    gj.groups = static_cast<I>((dv.planes + Shape::P - 1) / Shape::P);
     gj.first_item = static_cast<U>(g.total);
     gj.first_term = static_cast<int32_t>(g.terms.size());
     gj.n_terms = static_cast<int32_t>(job.terms.size());
@@ -179,11 +196,27 @@ GatherPlan<acc_t, I> make_gather_plan(const std::vector<Job>& jobs) {
   return g;
 }
 
-// Calls f(plan) with the plan in the narrowest index type the call fits.
+// Whether every term of the call has 1 or 2 taps along each axis (UpscaleShape).
+template <typename acc_t>
+bool short_taps(const std::vector<Job>& jobs) {
+  for (const auto& job : jobs)
+    for (const auto& t : job.terms) {
+      const auto [th, tw] = term_tables<acc_t>(t);
+      if (th.K > 2 || tw.K > 2) return false;
+    }
+  return true;
+}
+
+// Calls f(plan) with the plan in its item shape and the narrowest index type the call fits.
 template <typename acc_t, typename F>
 void with_gather_plan(const std::vector<Job>& jobs, F&& f) {
-  if (gather_fits_int32(jobs)) return f(make_gather_plan<acc_t, int32_t>(jobs));
-  f(make_gather_plan<acc_t, int64_t>(jobs));
+  const bool i32 = gather_fits_int32(jobs);
+  if (short_taps<acc_t>(jobs)) {
+    if (i32) return f(make_gather_plan<acc_t, int32_t, UpscaleShape>(jobs));
+    return f(make_gather_plan<acc_t, int64_t, UpscaleShape>(jobs));
+  }
+  if (i32) return f(make_gather_plan<acc_t, int32_t, GeneralShape>(jobs));
+  f(make_gather_plan<acc_t, int64_t, GeneralShape>(jobs));
 }
 
 }  // namespace msfast
