@@ -6,13 +6,14 @@
 #   tests.xml        JUnit report of `pytest -m cuda`
 #   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
 #   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
-#   profile.txt      torch.profiler tables: host and kernel time (benchmarks/gpu_profile.py)
-# to OUTDIR, in about 3.5 minutes on an H200 machine (16 cores; the build takes 1.5). The
+#   profile.txt      host time of small calls, then torch.profiler tables (benchmarks/gpu_profile.py)
+# to OUTDIR, in about 4 minutes on an H200 machine (16 cores; the build takes 1.7). The
 # benchmarks and the profile run before the tests, so that a run cut short still measures;
 # TESTS_S, BENCH_S, PROFILE_S and COMPILE_S (seconds) bound each step.
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then commit the JSONs as benchmarks/results/<device>*.json (they name the GPU, the date, the
-# torch version and the commit). A copy of the tree without .git: pass the commit in, e.g.
+# torch version and the commit). A copy of the tree without .git, or with a .git that is not
+# the tree's (a device machine's copy of a working tree): pass the commit in, e.g.
 #   MSFAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}

@@ -47,8 +47,8 @@ def fallback_reason() -> str | None:
     return _LOAD_ERROR
 
 
-# The CUDA kernels passed the whole CUDA test suite on an H200 at 8075f79
-# (benchmarks/results/nvidia-h200-8075f79.json), so msfast.* uses them by default;
+# The CUDA kernels passed the whole CUDA test suite on an H200 at 6a00c99
+# (benchmarks/results/nvidia-h200-6a00c99.json), so msfast.* uses them by default;
 # MSFAST_CUDA_KERNELS=0 sends CUDA tensors to the reference path instead (torch.ops.msfast.*
 # always reaches the kernels). Set this back to False if a change to the CUDA path cannot be
 # run on a GPU before it lands.
