@@ -27,9 +27,6 @@ struct DescParam {
   int4 data[kParamDescBytes / 16];
 };
 
-// Descriptors (jobs, then terms) are copied to shared memory once per block: every item
-// reads them, and from global memory their chain of dependent loads would dominate. They
-// come from the parameters, or from desc_global where they did not fit there.
 // Blocks of 128 threads, and a register bound per float32 kernel: a work item's chain of
 // dependent loads (descriptors, tables, sources) is long, so the kernel needs many items in
 // flight. CUDA 13, sm_90: the upscale kernel fits 80 registers (24 warps per SM; 24 bytes
@@ -38,6 +35,9 @@ struct DescParam {
 template <typename Shape, typename acc_t>
 constexpr int kMinBlocks = sizeof(acc_t) != 4 ? 1 : Shape::kShortTaps ? 6 : 5;
 
+// Descriptors (jobs, then terms) are copied to shared memory once per block: every item
+// reads them, and from global memory their chain of dependent loads would dominate. They
+// come from the parameters, or from desc_global where they did not fit there.
 template <typename Shape, typename src_t, typename dst_t, typename acc_t, typename I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<Shape, acc_t>)
 resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes,
@@ -118,8 +118,8 @@ void launch(const Plan& g, const at::Device& device) {
   // kernel has run.
 }
 
-// Runs a call whose inputs have type S (its outputs: dst_type), in the narrowest index type
-// it fits. Instantiated once per S, each in its own file.
+// Runs a call whose inputs have type S (its outputs: dst_type), in its item shape and the
+// narrowest index type it fits. Instantiated once per S, each in its own file.
 template <typename S>
 void run_src(const std::vector<Job>& jobs, at::ScalarType dst_type) {
   with_types(c10::CppTypeToScalarType<S>::value, dst_type, [&](auto, auto d, auto a) {

@@ -68,8 +68,7 @@ at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream, 
 
 // The tap tables of a call ([starts][weights]) stay on the device, keyed by what they depend
 // on (GatherPlan::key): a training or serving loop calls with the same shapes again and
-// again, and a per-call upload (a pinned block, a copy, an event) was a large part of a small
-// call's host time. The cache holds at most kTableCacheBytes and then stops growing; an
+// again, and a per-call upload (a pinned block, a copy, an event) costs every call host time. The cache holds at most kTableCacheBytes and then stops growing; an
 // entry is never freed, so a CUDA graph that captured its address can always replay.
 constexpr int64_t kTableCacheBytes = int64_t{64} << 20;
 

@@ -14,9 +14,9 @@
 //  - other NCHW planes: V consecutive pixels of a row, each with its own horizontal taps;
 //  - channels_last: V consecutive channels of a pixel, sharing its taps (one vector load
 //    per tap and plane on a GPU).
-// The first GPU runs, with one value in four planes per item, were bound by instruction issue
-// (about 90 instructions per value); the second, with 4 consecutive pixels of a row in two
-// planes, by L1 requests (a warp's loads were four runs 16 bytes apart).
+// The kernels before these, with one value in four planes per item, were bound by
+// instruction issue (about 90 instructions per value); the README's GPU history gives the
+// runs that led to the two shapes.
 // Tables are tap-major (weight k of output o at k * out + o), so that a warp's weight loads
 // are contiguous.
 //
@@ -32,7 +32,6 @@
 #include "msfast/index_math.h"
 
 namespace msfast {
-
 
 template <typename U>
 struct QuotRem {
@@ -126,11 +125,11 @@ MSFAST_HD T load_table(const T* p) {
 // (image, channel).
 template <typename I, int P, int V>
 struct GPos {
-  I oy[V], ox[V];  // channels_last: the pixel, in [0]
-  I c0;                  // channels_last: channels c0 .. c0 + n - 1
-  int n;                 // consecutive chunks: values that exist
-  bool ok[V];         // values that exist
-  bool consecutive;      // the values are n consecutive elements of one row (NCHW) or pixel
+  I oy[V], ox[V];    // channels_last: the pixel, in [0]
+  I c0;              // channels_last: channels c0 .. c0 + n - 1
+  int n;             // consecutive chunks: values that exist
+  bool ok[V];        // values that exist
+  bool consecutive;  // the values are n consecutive elements of one row (NCHW) or pixel
   I pn[P], pc[P];
   int np;  // planes of the group that exist
 };
@@ -188,7 +187,7 @@ struct alignas(sizeof(T) * V) Pack {
 
 // Adds one channels_last term: the V channels of a pixel share its taps, and each tap's
 // values are consecutive in memory: on a GPU one vector load per tap and plane where the
-// chunk is whole and every tap's address aligned (a quarter of the load instructions).
+// chunk is whole and every tap's address aligned (1 / V of the load instructions).
 template <int P, int V, int KY, int KX, typename src_t, typename acc_t, typename I>
 MSFAST_HD void add_term_pixel(acc_t (&acc)[P][V], const GTerm<I>& tm, const GPos<I, P, V>& q,
                               const int32_t* starts, const acc_t* weights, I H, I W) {
@@ -242,7 +241,7 @@ MSFAST_HD void add_term_pixel(acc_t (&acc)[P][V], const GTerm<I>& tm, const GPos
 }
 
 // Stores the first n of V consecutive values; on a GPU, one vector store where the chunk
-// is whole and aligned (a warp's stores are then full 16-byte runs).
+// is whole and aligned.
 template <int V, typename T>
 MSFAST_HD void store_values(T* dst, const T (&v)[V], int n) {
 #if defined(__CUDA_ARCH__)
@@ -259,8 +258,6 @@ MSFAST_HD void store_values(T* dst, const T (&v)[V], int n) {
     if (i < n) dst[i] = v[i];
 }
 
-// Computes and stores one work item: each value is the sum over terms of
-// sum_ky wy * (sum_kx wx * src), in that order, whatever the plane, thread count and grid.
 // One term, in the job's layout, with KY x KX taps (0: read from the term).
 template <int P, int V, int KY, int KX, typename src_t, typename acc_t, typename I>
 MSFAST_HD void add_term(bool cl, acc_t (&acc)[P][V], const GTerm<I>& tm, const GPos<I, P, V>& q,
@@ -269,6 +266,8 @@ MSFAST_HD void add_term(bool cl, acc_t (&acc)[P][V], const GTerm<I>& tm, const G
   else add_term_rows<P, V, KY, KX, src_t>(acc, tm, q, starts, weights, H, W);
 }
 
+// Computes and stores one work item: each value is the sum over terms of
+// sum_ky wy * (sum_kx wx * src), in that order, whatever the plane, thread count and grid.
 template <typename Shape, typename src_t, typename dst_t, typename acc_t, typename I>
 MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* terms, const int32_t* starts,
                            const acc_t* weights, std::make_unsigned_t<I> item) {
@@ -291,9 +290,9 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
   if (lanes) {
     // Large NCHW planes: the 32 lanes of a warp take 32 consecutive values of the plane
     // group, V times (value v of lane l in chunk w: w * 32 * V + 32 * v + l). Every
-    // load of a table or source row and every store of a warp is then one contiguous run;
-    // with 4 consecutive values per lane (the second GPU run) each was four runs 16 bytes
-    // apart, several L1 requests where one does.
+    // load of a table or source row and every store of a warp is then one contiguous run,
+    // where V consecutive values per lane make V runs V values apart. (What that gains on
+    // its own has not been measured apart from the other changes of its run.)
     const U w = g.mod >> 5, lane = g.mod & 31;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
