@@ -26,7 +26,8 @@ PYRAMID_COMBOS = [
 ]
 CONCAT_COMBOS = [("bilinear", False), ("bilinear", True), ("bicubic", None), ("nearest", None),
                  ("nearest-exact", None)]
-# N * C = 6, 10, 6, 16 planes: groups of four planes (gather.h) with and without a partial last group.
+# N * C = 6, 10, 6, 16 planes: groups of 2 or 4 planes (gather.h's two item shapes), with and without a
+# partial last group.
 SHAPE = (2, 3, 17, 23)
 SCALES = [1.0, 0.5, 1.7, 0.3]
 FEATURES = [(5, 8, 13), (3, 4, 7), (8, 20, 48)]
