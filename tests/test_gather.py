@@ -102,6 +102,19 @@ def test_pyramid_backward(combo, layout, runner, gen):
     torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL)
 
 
+def _check_concat_forward_backward(feats, size, gen, **kw):
+    """upsample_concat of feats (which require grad) and its gradients, against the reference."""
+    refs = [f.detach().clone().requires_grad_() for f in feats]
+    out = msfast.upsample_concat(feats, size, **kw)
+    ref = ref_upsample_concat(refs, size, **kw)
+    torch.testing.assert_close(out, ref, **tol(torch.float32, upscale=True))
+    g = randn(gen, *out.shape)
+    out.backward(g)
+    ref.backward(g)
+    for f, r in zip(feats, refs):
+        torch.testing.assert_close(f.grad, r.grad, **GRAD_TOL)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
 @pytest.mark.parametrize("combo", CONCAT_COMBOS, ids=lambda c: "-".join(map(str, c)))
 def test_upsample_concat_forward_backward(combo, layout, runner, gen):
@@ -110,15 +123,7 @@ def test_upsample_concat_forward_backward(combo, layout, runner, gen):
     for i, (c, h, w) in enumerate(FEATURES):
         cl = layout == "channels_last" or (layout == "mixed" and i % 2 == 1)
         feats.append(randn(gen, 2, c, h, w, channels_last=cl, requires_grad=True))
-    refs = [f.detach().clone().requires_grad_() for f in feats]
-    out = msfast.upsample_concat(feats, SIZE, mode=mode, align_corners=ac)
-    ref = ref_upsample_concat(refs, SIZE, mode=mode, align_corners=ac)
-    torch.testing.assert_close(out, ref, **tol(torch.float32, upscale=True))
-    g = randn(gen, *out.shape)
-    out.backward(g)
-    ref.backward(g)
-    for f, r in zip(feats, refs):
-        torch.testing.assert_close(f.grad, r.grad, **GRAD_TOL)
+    _check_concat_forward_backward(feats, SIZE, gen, mode=mode, align_corners=ac)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -163,15 +168,7 @@ def test_upscale_shape_mixed_tap_counts(layout, runner, gen):
     cl = layout == "channels_last"
     feats = [randn(gen, 2, c, h, w, channels_last=cl, requires_grad=True)
              for c, h, w in [(3, 12, 20), (5, 12, 9), (6, 5, 20), (7, 6, 7)]]
-    refs = [f.detach().clone().requires_grad_() for f in feats]
-    out = msfast.upsample_concat(feats, (12, 20))
-    ref = ref_upsample_concat(refs, (12, 20))
-    torch.testing.assert_close(out, ref, **tol(torch.float32, upscale=True))
-    g = randn(gen, *out.shape)
-    out.backward(g)
-    ref.backward(g)
-    for f, r in zip(feats, refs):
-        torch.testing.assert_close(f.grad, r.grad, **GRAD_TOL)
+    _check_concat_forward_backward(feats, (12, 20), gen)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -45,7 +45,6 @@ template <typename acc_t>
 struct Stencil {
   int P = 0, S = 0;  // P = 0: the table has no such interior, or no kernel for it
   int64_t a = 0, nq = 0;
-  int64_t in = 0;  // the input row's length
   std::vector<int64_t> off;
   std::vector<acc_t> w;
   using Fn = void (*)(const acc_t*, const Stencil&, acc_t*);
@@ -76,7 +75,6 @@ Stencil<acc_t> make_stencil(const Table<acc_t>& t) {
   s.a = best_a;
   s.nq = nq;
   for (int64_t r = 0; r < P; ++r) s.off.push_back(t.start[best_a + r]);
-  s.in = t.in;
   s.w.resize(P * t.K * nq);
   for (int64_t r = 0; r < P; ++r)
     for (int64_t k = 0; k < t.K; ++k)
@@ -830,15 +828,17 @@ void dot_row(const float* __restrict__ tmp, const TermPlan<float>& tp, float* __
 }
 #endif
 
-// The repeating interior of an NCHW row (see Stencil), P outputs per step of S inputs.
+// Steps q0 .. q1 - 1 of the repeating interior of an NCHW row (see Stencil), P outputs per
+// step of S inputs.
 template <int P, int S, int K, bool kAdd, typename acc_t>
-void stencil_row(const acc_t* __restrict__ tmp, const Stencil<acc_t>& st, acc_t* __restrict__ out) {
+void stencil_steps(const acc_t* __restrict__ tmp, const Stencil<acc_t>& st, acc_t* __restrict__ out, int64_t q0,
+                   int64_t q1) {
   const int64_t nq = st.nq;
   int64_t off[P];
   for (int r = 0; r < P; ++r) off[r] = st.off[r];
   const acc_t* __restrict__ w = st.w.data();
   acc_t* __restrict__ o = out + st.a;
-  for (int64_t q = 0; q < nq; ++q) {
+  for (int64_t q = q0; q < q1; ++q) {
     for (int r = 0; r < P; ++r) {
       const acc_t* __restrict__ b = tmp + off[r] + S * q;
       const acc_t* __restrict__ wr = w + r * K * nq + q;
@@ -855,24 +855,21 @@ template <int K, bool kAdd>
 void stencil_row_34(const float* __restrict__ tmp, const Stencil<float>& st, float* __restrict__ out);
 #endif
 
+// The repeating interior of an NCHW row.
+template <int P, int S, int K, bool kAdd, typename acc_t>
+void stencil_row(const acc_t* __restrict__ tmp, const Stencil<acc_t>& st, acc_t* __restrict__ out) {
+#if MSFAST_CPU_AVX2
+  if constexpr (P == 3 && S == 4 && std::is_same_v<acc_t, float>) return stencil_row_34<K, kAdd>(tmp, st, out);
+#endif
+  stencil_steps<P, S, K, kAdd>(tmp, st, out, 0, st.nq);
+}
+
 // The (P, S, K) compiled: 2x and 4x downscales with 2, 4 or 8 taps (bilinear, area,
 // antialiased bilinear and bicubic), 2x, 4x and 8x upscales with 2 or 4 taps, the adjoints
 // of those downscales (the backward), and the common fractional factors 3/4, 2/3, 3/2, 4/3.
 // Others keep the gather. (Under AVX2, float upscale rows take window_rows instead.)
 template <typename acc_t>
 void pick_stencil_kernel(Stencil<acc_t>& s, int64_t K) {
-#if MSFAST_CPU_AVX2
-  if constexpr (std::is_same_v<acc_t, float>) {
-#define MSFAST_S34(K_)                          \
-  if (s.P == 3 && s.S == 4 && K == K_) {        \
-    s.assign = &stencil_row_34<K_, false>;      \
-    s.add = &stencil_row_34<K_, true>;          \
-    return;                                     \
-  }
-    MSFAST_S34(2) MSFAST_S34(3) MSFAST_S34(4)
-#undef MSFAST_S34
-  }
-#endif
 #define MSFAST_S(P_, S_, K_)                                    \
   if (s.P == P_ && s.S == S_ && K == K_) {                      \
     s.assign = &stencil_row<P_, S_, K_, false, acc_t>;          \
@@ -1019,11 +1016,8 @@ void stencil_row_34(const float* __restrict__ tmp, const Stencil<float>& st, flo
   float* __restrict__ o = out + st.a;
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const __m256i first7 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0);
-  const int64_t off_max = std::max({st.off[0], st.off[1], st.off[2]});
-  // Steps q .. q + 7. (The bound holds for every step of a valid stencil; it keeps a wrong
-  // one from reading out of the row.)
-  auto block = [&](int64_t q) {
-    if (off_max + 4 * q + 28 + K > st.in) return false;
+  // Steps q .. q + 7.
+  auto block = [&](int64_t q) __attribute__((always_inline)) {
     alignas(32) float v[3][8];
     for (int r = 0; r < 3; ++r) {
       const float* b = tmp + st.off[r] + 4 * q;
@@ -1043,22 +1037,16 @@ void stencil_row_34(const float* __restrict__ tmp, const Stencil<float>& st, flo
       _mm256_store_ps(v[r], acc);
     }
     merge_rgb8<kAdd>(v[0], v[1], v[2], o + 3 * q);
-    return true;
   };
   int64_t q = 0;
-  while (q + 8 <= nq && block(q)) q += 8;
+  for (; q + 8 <= nq; q += 8) block(q);
   // A remainder of steps: when storing (not adding), the last 8 steps again, overlapping
-  // steps already stored with the same values.
-  if (!kAdd && q < nq && nq >= 8 && block(nq - 8)) q = nq;
-  for (; q < nq; ++q) {
-    for (int r = 0; r < 3; ++r) {
-      const float* __restrict__ b = tmp + st.off[r] + 4 * q;
-      const float* __restrict__ wr = w + r * K * nq + q;
-      float x = wr[0] * b[0];
-      for (int k = 1; k < K; ++k) x += wr[k * nq] * b[k];
-      o[3 * q + r] = kAdd ? o[3 * q + r] + x : x;
-    }
+  // steps already stored with the same values; when adding, the scalar loop.
+  if (!kAdd && q < nq && nq >= 8) {
+    block(nq - 8);
+    return;
   }
+  stencil_steps<3, 4, K, kAdd>(tmp, st, out, q, nq);
 }
 #endif
 
