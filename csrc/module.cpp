@@ -21,6 +21,7 @@ std::atomic<int64_t>& stencil_terms_planned();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& small_jobs_planned();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stream_bytes();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& streamed_calls();  // csrc/cpu/gather_cpu.cpp
+std::atomic<bool>& staged_rows();  // csrc/cpu/gather_cpu.cpp
 }  // namespace msfast
 
 PYBIND11_MODULE(_C, m) {
@@ -40,6 +41,9 @@ PYBIND11_MODULE(_C, m) {
         "Testing hook: CPU calls moving more bytes than this (inputs read and output written) use "
         "non-temporal stores where every byte of an output can take one (default 32 MiB); returns the "
         "previous value");
+  m.def("_set_staged_rows", [](bool on) { return msfast::staged_rows().exchange(on); },
+        "Testing hook: whether 16-bit NCHW blended rows may take non-temporal stores through a staging "
+        "buffer (default: on Intel processors); returns the previous value");
   m.def("_streamed_calls", []() { return msfast::streamed_calls().load(); },
         "Testing hook: how many CPU calls have used non-temporal stores");
   m.def("build_info", []() {

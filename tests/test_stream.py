@@ -4,10 +4,11 @@ JobPlan::stream and run_typed).
 A CPU call that moves more than ``msfast._C._set_stream_bytes`` bytes (32 MiB by default, inputs
 and output) writes an output with non-temporal stores when every byte of it can take one: jobs
 of two-tap upscales or copies, every run aligned to one store, 16-bit NCHW rows only when copied
-(as whole runs of rows), and no job that cannot stream writing into the same tensor. Here the threshold
-is lowered to 0 so small inputs take that path; ``_streamed_calls`` says whether they did. The
-stores hold the same values as plain ones, so streamed results must equal the plain results bit
-for bit, and the reference.
+(as whole runs of rows) or, where ``_set_staged_rows`` allows it (by default on Intel processors),
+blended through a staging buffer, and no job that cannot stream writing into the same tensor. Here
+the threshold is lowered to 0 so small inputs take that path; ``_streamed_calls`` says whether they
+did. The stores hold the same values as plain ones, so streamed results must equal the plain
+results bit for bit, and the reference. Both settings of the staging are tested on every machine.
 
 A channels_last concat whose features can be computed pixel by pixel writes each output pixel's
 slices in turn (all features of a row at once); those results are checked against the reference
@@ -30,14 +31,27 @@ pytestmark = pytest.mark.skipif(_ops._C is None, reason="msfast._C is not built"
 AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] in ("avx2", "avx512bf16")
 
 
-def _streamed(fn):
-    """(fn() with the threshold at 0, fn() with the default threshold, whether the first streamed)."""
+@pytest.fixture(params=[False, True], ids=["unstaged", "staged"])
+def staged(request):
+    """Whether 16-bit NCHW blended rows may stream (through the staging buffer), for the test."""
+    old = _ops._C._set_staged_rows(request.param)
+    yield request.param
+    _ops._C._set_staged_rows(old)
+
+
+def _streamed(fn, threads=None):
+    """(fn() with the threshold at 0, fn() with the default threshold, whether the first streamed);
+    the first with `threads` threads if given."""
     before = _ops._C._streamed_calls()
     old = _ops._C._set_stream_bytes(0)
+    old_threads = torch.get_num_threads()
     try:
+        if threads:
+            torch.set_num_threads(threads)
         fast = fn()
     finally:
         _ops._C._set_stream_bytes(old)
+        torch.set_num_threads(old_threads)
     streamed = _ops._C._streamed_calls() > before
     plain = fn()
     return fast, plain, streamed
@@ -51,7 +65,7 @@ SPEC = [(16, 32), (32, 16), (16, 8), (8, 4)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("use_out", [False, True])
-def test_streamed_concat_matches_plain_and_reference(gen, dtype, channels_last, use_out):
+def test_streamed_concat_matches_plain_and_reference(gen, dtype, channels_last, use_out, staged):
     feats = [randn(gen, 2, c, s, s, dtype=dtype, channels_last=channels_last) for c, s in SPEC]
     shape = (2, sum(c for c, _ in SPEC), 32, 32)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -65,8 +79,8 @@ def test_streamed_concat_matches_plain_and_reference(gen, dtype, channels_last, 
         return res
 
     fast, plain, streamed = _streamed(run)
-    # bfloat16 NCHW rows keep plain stores (compute-bound there; see JobPlan::stream)
-    assert streamed == (AVX2 and (dtype == torch.float32 or channels_last))
+    # bfloat16 NCHW blended rows stream only staged (see JobPlan::stream)
+    assert streamed == (AVX2 and (dtype == torch.float32 or channels_last or staged))
     assert torch.equal(fast, plain)
     torch.testing.assert_close(fast, ref_upsample_concat(feats, (32, 32)), **tol(dtype, upscale=True))
 
@@ -107,9 +121,10 @@ def test_pyramid_streams_its_copied_level_only(gen, channels_last, dtype):
         torch.testing.assert_close(a, r, **tol(dtype))
 
 
-def test_bfloat16_nchw_copy_streams_alone(gen):
+def test_bfloat16_nchw_copy_streams_alone(gen, staged):
     """A 16-bit NCHW feature already at the concat's size is copied with non-temporal stores,
-    unless an upscaled feature's blended rows (plain stores) share the output with it."""
+    and so is a concat with an upscaled feature when its blended rows stream too (staged);
+    unstaged, they take plain stores, and then the copy does as well."""
     same = [randn(gen, 2, 8, 16, 16, dtype=torch.bfloat16), randn(gen, 2, 4, 16, 16, dtype=torch.bfloat16)]
     fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(same, (16, 16)))
     assert streamed == AVX2
@@ -117,9 +132,43 @@ def test_bfloat16_nchw_copy_streams_alone(gen):
     assert torch.equal(fast, torch.cat(same, dim=1))
     mixed = [same[0], randn(gen, 2, 4, 8, 8, dtype=torch.bfloat16)]
     fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(mixed, (16, 16)))
-    assert not streamed
+    assert streamed == (AVX2 and staged)
     assert torch.equal(fast, plain)
     torch.testing.assert_close(fast, ref_upsample_concat(mixed, (16, 16)), **tol(torch.bfloat16, upscale=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_staged_rows_any_split(gen, dtype, threads):
+    """16-bit NCHW upscales staged and streamed: runs of rows end where a task's rows end,
+    mid-plane and mid-line (a [2, 24, 40, 40] output is split into tasks of about 32K values,
+    and 80-byte rows), with 2x, 4x and 8x blocks of rows and a copied feature beside them;
+    the results must equal the plain ones bit for bit, whatever the thread count."""
+    feats = [randn(gen, 2, c, s, s, dtype=dtype) for c, s in [(4, 40), (8, 20), (8, 10), (4, 5)]]
+    old = _ops._C._set_staged_rows(True)
+    try:
+        fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, (40, 40)), threads=threads)
+    finally:
+        _ops._C._set_staged_rows(old)
+    assert streamed == AVX2
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, ref_upsample_concat(feats, (40, 40)), **tol(dtype, upscale=True))
+
+
+def test_staged_rows_hook_default_and_returns_previous():
+    """On by default on Intel processors only (JobPlan::stream); the hook returns the previous value."""
+    intel = False
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    default = _ops._C._set_staged_rows(not intel)
+    try:
+        assert default == intel
+        assert _ops._C._set_staged_rows(intel) == (not intel)
+    finally:
+        _ops._C._set_staged_rows(default)
 
 
 def test_concat_with_one_unaligned_slice_does_not_stream(gen):

@@ -32,6 +32,9 @@ std::atomic<int64_t>& small_jobs_planned();
 // msfast._C._set_stream_bytes changes it for tests, msfast._C._streamed_calls counts them.
 std::atomic<int64_t>& stream_bytes();
 std::atomic<int64_t>& streamed_calls();
+// Whether 16-bit NCHW blended rows may stream, through a staging buffer (JobPlan::stream): by
+// default on Intel processors only; msfast._C._set_staged_rows changes it for tests.
+std::atomic<bool>& staged_rows();
 
 const char* cpu_isa();  // csrc/cpu/resample_cpu.cpp
 

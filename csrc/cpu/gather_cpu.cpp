@@ -37,6 +37,11 @@ std::atomic<int64_t>& stream_bytes() {
   return n;
 }
 
+std::atomic<bool>& staged_rows() {
+  static std::atomic<bool> on{__builtin_cpu_is("intel") != 0};  // see JobPlan::stream
+  return on;
+}
+
 std::atomic<int64_t>& streamed_calls() {
   static std::atomic<int64_t> n{0};
   return n;

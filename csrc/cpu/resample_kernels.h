@@ -250,10 +250,13 @@ struct JobPlan {
   //   plain stores too (an unaligned row start, an affine job's slice next to it) is read in
   //   and written back again and again (a bfloat16 copy of 112-byte rows went from 0.45 to
   //   7 ms).
-  // - Not for 16-bit NCHW blends: fpn_concat's bfloat16 NCHW forward was 10-13% slower this
-  //   way (channels_last: 20-28% faster), and with the AVX-512 BF16 rounding, through a
-  //   staging buffer and whole-line stores, its 8x part still went from 3.7 to 4.4 ms;
-  //   16-bit NCHW copies stream as whole runs of rows (see plan_streams).
+  // - 16-bit NCHW blends (rows of 112 bytes in fpn_concat, which do not start on cache
+  //   lines) stream only through a staging buffer (RowMaker::stage), and only on Intel
+  //   processors (staged_rows()). On this project's Intel Xeon (2026-12) that made
+  //   fpn_concat's bfloat16 NCHW forward into out= 25% faster (two threads, medians of 25:
+  //   8.7 -> 6.5 ms). On the AMD EPYC it had before, written straight it was 10-13% slower,
+  //   and staged, its 8x part went from 3.7 to 4.4 ms. 16-bit NCHW copies stream as whole
+  //   runs of rows everywhere (see plan_streams).
   // - Only for calls moving more than stream_bytes() (32 MiB, this machine's last-level
   //   cache) in all, inputs read and output written: below that, plain stores leave the
   //   output in cache for whatever reads it next. A [1, 0.5, 0.25] pyramid of 32 RGB 224x224
@@ -280,6 +283,16 @@ inline bool rows_packed(const View& v) { return v.px == v.cp && v.row == v.W * v
 template <typename acc_t>
 bool copies_row_runs(const JobPlan<acc_t>& p) {
   return p.copy && rows_packed(p.dst) && rows_packed(p.terms[0].v);
+}
+
+// A two-tap upscale from and into packed NCHW planes (RowMaker::run_rows2_nchw): with 16-bit
+// output and non-temporal stores, its runs of rows are computed into a staging buffer and
+// streamed from there (see JobPlan::stream).
+template <typename acc_t>
+bool stages_rows(const JobPlan<acc_t>& p) {
+  if (!p.rows2 || p.dst.cl || !rows_packed(p.dst)) return false;
+  const View& v = p.terms[0].v;
+  return v.cp == 1 && v.row == v.W && staged_rows().load();
 }
 
 template <typename acc_t>
@@ -1091,6 +1104,7 @@ struct RowMaker {
   std::vector<acc_t> ring;   // h_first: tp.ring horizontally resampled source rows
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
   std::vector<acc_t> block;  // run_rows2_nchw: a block of source rows resampled horizontally
+  std::vector<char> stage;   // run_rows2_nchw: 16-bit output rows on their way to streaming stores
 
   // n source rows from `row` on as packed acc_t rows: the rows themselves when they are
   // already (a float NCHW row: copying it cost 8% of fpn_concat's forward), else converted
@@ -1248,18 +1262,32 @@ struct RowMaker {
 #endif
       for (int64_t r = 0; !resampled && r < rows; ++r)
         horizontal(tp, src + r * v.W, false, block.data() + r * n, packed_row(n, 1));
+      // 16-bit rows that stream (stages_rows): rows oy .. e - 1, contiguous in the output, are
+      // blended into `stage`, then copied out with non-temporal stores in one run, whole
+      // cache lines but at its two ends.
+      const bool staged = sizeof(dst_t) == 2 && stream;
+      const int64_t first = oy;
+      dst_t* rows_out = out;
+      if (staged) {
+        const size_t bytes = (e - first) * d.row * sizeof(dst_t);
+        if (stage.size() < bytes) stage.resize(bytes);
+        rows_out = reinterpret_cast<dst_t*>(stage.data());
+      }
       while (oy < e) {
         const acc_t* a = block.data() + (start[oy] - lo) * n;
-        oy = blend_rows2(tp, a, a + n, oy, e, out, d, stream);
+        oy = blend_rows2(tp, a, a + n, oy, e, rows_out, d, stream && !staged, staged ? first : 0);
       }
+      if (staged) copy_run(out + first * d.row, stage.data(), (e - first) * d.row * sizeof(dst_t), true);
     }
   }
 
   // Output rows from oy on that read source rows start[oy] and start[oy] + 1 (resampled
-  // horizontally: a, b), before oy_end; returns the first row after them.
+  // horizontally: a, b), before oy_end; returns the first row after them. Row y goes to
+  // out + (y - out_row0) * d.row.
   template <typename dst_t>
   MSFAST_INLINE int64_t blend_rows2(const TermPlan<acc_t>& tp, const acc_t* a, const acc_t* b, int64_t oy,
-                                    int64_t oy_end, dst_t* out, const View& d, bool stream) const {
+                                    int64_t oy_end, dst_t* out, const View& d, bool stream,
+                                    int64_t out_row0 = 0) const {
     const Row ro = row_of(d);
     const int64_t* start = tp.th.start.data();
     const acc_t* w = tp.th.w.data();
@@ -1269,14 +1297,14 @@ struct RowMaker {
       if (!stream && ro.packed()) {
         int64_t e = oy;
         while (e < oy_end && start[e] == y0) ++e;
-        blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + oy * d.row, d.row);
+        blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + (oy - out_row0) * d.row, d.row);
         return e;
       }
     }
 #endif
     const Row rr = packed_row(ro.W, tp.v.cp);
     for (; oy < oy_end && start[oy] == y0; ++oy)
-      axpy2<false>(a, b, rr, w[2 * oy], w[2 * oy + 1], out + oy * d.row, ro, stream);
+      axpy2<false>(a, b, rr, w[2 * oy], w[2 * oy + 1], out + (oy - out_row0) * d.row, ro, stream);
     return oy;
   }
 
@@ -1404,11 +1432,10 @@ void plan_streams(std::vector<JobPlan<acc_t>>& plans, int64_t total_values) {
     span.emplace_back(a, a + last * sizeof(dst_t) - 1);
   }
   // 16-bit NCHW rows are short and do not start on cache lines: only copies stream, as whole
-  // runs of rows (the row order's copy), which needs the rows of a plane contiguous. (Blends
-  // into 112-byte rows were slower with non-temporal stores, written straight or through a
-  // staging buffer in L1: see JobPlan::stream.)
+  // runs of rows (the row order's copy), which needs the rows of a plane contiguous, and on
+  // Intel blends staged as runs of rows (run_rows2_nchw; see JobPlan::stream).
   auto can = [](const JobPlan<acc_t>& p) {
-    const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl || copies_row_runs(p);
+    const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl || copies_row_runs(p) || stages_rows(p);
     return (p.rows2 || p.copy) && rows_ok && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
   };
   bool any = false;
