@@ -102,6 +102,24 @@ def test_bench_times_the_dtypes_of_a_case_together(capsys):
     assert len(progress) == 2 and all("float32" in line and "bfloat16" in line for line in progress)
 
 
+def test_bench_roofline_copy_is_the_fastest_copy(capsys):
+    """The roofline's bandwidth is the faster of Tensor.copy_ and a streaming copy (msfast's, into
+    out=), both recorded in the environment and named in the report."""
+    import argparse
+
+    from msfast import bench
+
+    bws = bench.copy_bandwidths("cpu", nbytes=8 << 20, reps=2)
+    assert set(bws) == {"torch", "streaming"} and all(b > 0 for b in bws.values())
+    args = argparse.Namespace(device="cpu", threads=None, reps=2, quick=True, cases="pyramid_n1",
+                              dtypes="float32", layouts=None, no_compile=True)
+    result = bench.run(args)
+    env = result["environment"]
+    assert set(env["copy_GBps_by_kind"]) == {"torch", "streaming"}
+    assert env["copy_GBps"] == max(env["copy_GBps_by_kind"].values())
+    assert "best of torch" in capsys.readouterr().err
+
+
 def test_bench_ratio_interval():
     """The speed-up's interval: a bootstrap interval of the median of paired ratios, seeded,
     around the paired median, and none below three pairs."""
