@@ -183,20 +183,26 @@ def test_inputs_not_modified(device, gen):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("specs", [[(16, 32, 32), (16, 16, 16), (16, 8, 8), (8, 4, 4)], [(8, 4, 4)], [(3, 5, 5)],
                                    [(16, 7, 7)]], ids=["fpn", "8x", "rgb", "odd"])
-@pytest.mark.parametrize("values", ["normal", "nonfinite", "subnormal"])
+@pytest.mark.parametrize("values", ["normal", "nonfinite", "subnormal", "small"])
 def test_bfloat16_rows_are_the_float32_rows_rounded(specs, channels_last, values, gen):
     """The CPU kernels compute bfloat16 rows in float32 and round once: a bfloat16 concat is,
     bit for bit, the float32 concat of the same (widened) features rounded to bfloat16, also
     where the features hold NaN, infinities and values near bfloat16's largest (the blends
     skip the rounding's NaN test on chunks they have checked to be finite), and where blends
     are subnormal (AVX-512 BF16's conversion flushes those to zero, so such chunks take the
-    exact path). Only the bits of NaNs may differ (msfast writes one canonical NaN)."""
+    exact path). "small": values on both sides of 2^-56, under which a block of NCHW rows takes
+    the checked blends instead of the unchecked ones (blend_inputs_safe), all results normal.
+    Only the bits of NaNs may differ (msfast writes one canonical NaN)."""
     feats = _features(gen, torch.bfloat16, "cpu", "nchw", specs=specs)
     nonfinite = values == "nonfinite"
     if values == "subnormal":  # around float32's smallest normal (1.2e-38): some rows subnormal, some not
         feats = [(f * 2e-38).bfloat16() for f in feats]
         for f in feats[::2]:
             f[:, ::2] *= 1e5
+    if values == "small":  # 2^-56 is 1.4e-17: every other channel below it
+        feats = [(f * 1e-16).bfloat16() for f in feats]
+        for f in feats:
+            f[:, ::2] *= 1e-3
     if nonfinite:
         for f in feats:
             flat = f.view(-1)

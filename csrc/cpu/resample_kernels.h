@@ -94,6 +94,8 @@ struct TermPlan {
   bool h_unit;  // tw is the identity: the horizontal pass is a copy
   bool h_first;  // horizontal pass first, on each source row once (see above)
   int64_t ring;  // h_first: rows kept, the power of two >= th.K, so a slot is y & (ring - 1)
+  // Every weight of th is 0 or at least 2^-20 in magnitude (see blend2_rows_bf16_512).
+  bool th_weights_large = false;
   // tw again, for the one-value-per-pixel gather: 32-bit starts and tap-major weights
   // (wk[k * out + ox]), the layout in which the loop over ox vectorizes with gathers. This and
   // the plans below are for rows of one value per pixel: NCHW rows, and the rows that RGB
@@ -482,9 +484,12 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
 
 // blend2_rows_bf16 where the processor has AVX-512 BF16, 32 values of every row a step:
 // vcvtne2ps2bf16 rounds 32 floats in one instruction where the AVX2 rounding takes about 20
-// for 16, and the rounding was what bounded these rows. A row's chunk that is subnormal
-// anywhere, or whose ring chunk is not finite, is written by the scalar path instead. The
-// last chunk of a row is masked: no scalar tail. (On 256-bit vectors: 3-5% slower.)
+// for 16, and the rounding was what bounded these rows. vcvtne2ps2bf16 flushes subnormals and
+// writes NaNs of its own, so a row's chunk that is subnormal anywhere, or whose inputs are not
+// finite, is written by the scalar path instead; unless kSafe, where the caller has checked
+// that neither can happen (blend_inputs_safe). The last chunk of a row is masked: no scalar
+// tail. (On 256-bit vectors: 3-5% slower.)
+template <bool kSafe>
 MSFAST_AVX512BF16 void blend2_rows_bf16_512(
     const float* a, const float* b, int64_t len, const float* w, int64_t n, at::BFloat16* o, int64_t stride) {
   constexpr int kNonFinite = kFpNan | kFpInf;
@@ -494,19 +499,23 @@ MSFAST_AVX512BF16 void blend2_rows_bf16_512(
     const __mmask16 k0 = static_cast<__mmask16>(k), k1 = static_cast<__mmask16>(k >> 16);
     const __m512 a0 = _mm512_maskz_loadu_ps(k0, a + c), a1 = _mm512_maskz_loadu_ps(k1, a + c + 16);
     const __m512 b0 = _mm512_maskz_loadu_ps(k0, b + c), b1 = _mm512_maskz_loadu_ps(k1, b + c + 16);
-    const unsigned bad = _mm512_fpclass_ps_mask(a0, kNonFinite) | _mm512_fpclass_ps_mask(a1, kNonFinite) |
-                         _mm512_fpclass_ps_mask(b0, kNonFinite) | _mm512_fpclass_ps_mask(b1, kNonFinite);
+    unsigned bad = 0;
+    if constexpr (!kSafe)
+      bad = _mm512_fpclass_ps_mask(a0, kNonFinite) | _mm512_fpclass_ps_mask(a1, kNonFinite) |
+            _mm512_fpclass_ps_mask(b0, kNonFinite) | _mm512_fpclass_ps_mask(b1, kNonFinite);
     for (int64_t r = 0; r < n; ++r) {
       const __m512 v0 = _mm512_set1_ps(w[2 * r]), v1 = _mm512_set1_ps(w[2 * r + 1]);
       const __m512 x = _mm512_fmadd_ps(v1, b0, _mm512_mul_ps(v0, a0));
       const __m512 y = _mm512_fmadd_ps(v1, b1, _mm512_mul_ps(v0, a1));
       at::BFloat16* p = o + r * stride + c;
-      if (bad | _mm512_fpclass_ps_mask(x, kFpSubnormal) | _mm512_fpclass_ps_mask(y, kFpSubnormal)) {
-        // blend_scalar's loop, written out: through the helper GCC laid this function out
-        // differently and fpn_concat out= bfloat16 NCHW was 4-5% slower (one thread).
-        for (int64_t i = 0; i < m; ++i)
-          p[i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[c + i], w[2 * r] * a[c + i]));
-        continue;
+      if constexpr (!kSafe) {
+        if (bad | _mm512_fpclass_ps_mask(x, kFpSubnormal) | _mm512_fpclass_ps_mask(y, kFpSubnormal)) {
+          // blend_scalar's loop, written out: through the helper GCC laid this function out
+          // differently and fpn_concat out= bfloat16 NCHW was 4-5% slower (one thread).
+          for (int64_t i = 0; i < m; ++i)
+            p[i] = to_dst<at::BFloat16>(std::fma(w[2 * r + 1], b[c + i], w[2 * r] * a[c + i]));
+          continue;
+        }
       }
       const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y, x));
       if (m == 32)
@@ -515,6 +524,26 @@ MSFAST_AVX512BF16 void blend2_rows_bf16_512(
         _mm512_mask_storeu_epi16(p, k, h);
     }
   }
+}
+
+// Whether the n floats at p are all 0 or normal with a magnitude of at least 2^-56: then
+// w0 * a + w1 * b (as blend_scalar computes it) of two such values, with weights 0 or of at
+// least 2^-20 (TermPlan::th_weights_large), is 0 or normal. The products are exact multiples
+// of 2^-122 (24-bit significands, exponents of at least -20 and -56), the rounded w0 * a too,
+// so a nonzero fma is at least 2^-122 in magnitude, far from the subnormals (below 2^-126).
+// Checking a block of rows once spares blend2_rows_bf16_512 its checks on every output row:
+// fpn_concat's bfloat16 NCHW forward was about 15% faster without them (one or two threads).
+MSFAST_AVX512BF16 bool blend_inputs_safe(const float* p, int64_t n) {
+  const __m512i sign_off = _mm512_set1_epi32(0x7fffffff), tiny = _mm512_set1_epi32(0x23800000 - 1),
+                inf = _mm512_set1_epi32(0x7f800000), one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512i u = _mm512_and_si512(_mm512_maskz_loadu_epi32(k, p + i), sign_off);  // |v|'s bits
+    // 0 < |v| < 2^-56: u - 1 below 0x23800000 - 1 (0 wraps to the top); or infinite / NaN
+    if (_mm512_mask_cmplt_epu32_mask(k, _mm512_sub_epi32(u, one), tiny) | _mm512_mask_cmpge_epu32_mask(k, u, inf))
+      return false;
+  }
+  return true;
 }
 
 // write_row's loops into bfloat16 where the processor has AVX-512 BF16: o[c] = round(a[c]),
@@ -551,10 +580,13 @@ MSFAST_AVX512BF16 void write_bf16_512(
 // `stride` values apart), 16 values of every row at a time: a chunk of a and b is loaded once
 // for all rows, and where it holds only finite values (checked once for all rows) no blend of
 // it is NaN, so the rounding skips its NaN test. The same values as n calls of blend2_avx2.
-// (An 8x upscale's 56-value rows: 8 rows per pair of ring rows.)
+// (An 8x upscale's 56-value rows: 8 rows per pair of ring rows.) safe: a and b passed
+// blend_inputs_safe and the weights are large (TermPlan::th_weights_large).
 MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len, const float* w, int64_t n,
-                                    at::BFloat16* o, int64_t stride) {
-  if (avx512bf16()) return blend2_rows_bf16_512(a, b, len, w, n, o, stride);
+                                    at::BFloat16* o, int64_t stride, bool safe = false) {
+  if (avx512bf16())
+    return safe ? blend2_rows_bf16_512<true>(a, b, len, w, n, o, stride)
+                : blend2_rows_bf16_512<false>(a, b, len, w, n, o, stride);
   int64_t c = 0;
   // 16 values of every row (8 for the last ones)
   auto chunk = [&](auto wide) __attribute__((always_inline)) {
@@ -1262,6 +1294,11 @@ struct RowMaker {
 #endif
       for (int64_t r = 0; !resampled && r < rows; ++r)
         horizontal(tp, src + r * v.W, false, block.data() + r * n, packed_row(n, 1));
+      bool safe = false;  // no blend of the block's rows can be subnormal or NaN
+#if MSFAST_CPU_AVX2
+      if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>)
+        safe = tp.th_weights_large && avx512bf16() && blend_inputs_safe(block.data(), rows * n);
+#endif
       // 16-bit rows that stream (stages_rows): rows oy .. e - 1, contiguous in the output, are
       // blended into `stage`, then copied out with non-temporal stores in one run, whole
       // cache lines but at its two ends.
@@ -1275,7 +1312,7 @@ struct RowMaker {
       }
       while (oy < e) {
         const acc_t* a = block.data() + (start[oy] - lo) * n;
-        oy = blend_rows2(tp, a, a + n, oy, e, rows_out, d, stream && !staged, staged ? first : 0);
+        oy = blend_rows2(tp, a, a + n, oy, e, rows_out, d, stream && !staged, staged ? first : 0, safe);
       }
       if (staged) copy_run(out + first * d.row, stage.data(), (e - first) * d.row * sizeof(dst_t), true);
     }
@@ -1283,11 +1320,11 @@ struct RowMaker {
 
   // Output rows from oy on that read source rows start[oy] and start[oy] + 1 (resampled
   // horizontally: a, b), before oy_end; returns the first row after them. Row y goes to
-  // out + (y - out_row0) * d.row.
+  // out + (y - out_row0) * d.row. safe: see blend2_rows_bf16.
   template <typename dst_t>
   MSFAST_INLINE int64_t blend_rows2(const TermPlan<acc_t>& tp, const acc_t* a, const acc_t* b, int64_t oy,
                                     int64_t oy_end, dst_t* out, const View& d, bool stream,
-                                    int64_t out_row0 = 0) const {
+                                    int64_t out_row0 = 0, bool safe = false) const {
     const Row ro = row_of(d);
     const int64_t* start = tp.th.start.data();
     const acc_t* w = tp.th.w.data();
@@ -1297,7 +1334,7 @@ struct RowMaker {
       if (!stream && ro.packed()) {
         int64_t e = oy;
         while (e < oy_end && start[e] == y0) ++e;
-        blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + (oy - out_row0) * d.row, d.row);
+        blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + (oy - out_row0) * d.row, d.row, safe);
         return e;
       }
     }
@@ -1497,6 +1534,8 @@ void run_typed(const std::vector<Job>& jobs) {
       // source once. Vertical first reads each row once per output row that uses it, and with
       // hundreds of channels the rows touched in between exceed L2 (fpn_concat's channels_last
       // backward, one thread: 13% faster this way).
+      tp.th_weights_large = std::all_of(tp.th.w.begin(), tp.th.w.end(),
+                                        [](acc_t w) { return w == acc_t(0) || std::abs(w) >= acc_t(0x1p-20); });
       tp.h_first = !tp.h_unit && (tp.th.in < tp.th.out || tp.v.cp >= kWidePixel);
       while (tp.ring < tp.th.K) tp.ring *= 2;
       p.terms.push_back(std::move(tp));
