@@ -155,6 +155,22 @@ def test_staged_rows_any_split(gen, dtype, threads):
     torch.testing.assert_close(fast, ref_upsample_concat(feats, (40, 40)), **tol(dtype, upscale=True))
 
 
+@pytest.mark.parametrize("size", [(600, 600), (9, 8200)], ids=["tall", "wide"])
+def test_staged_rows_in_bounded_runs(gen, size):
+    """A large upscale's block of rows is far more than the staging buffer's 16 KB: it is staged
+    and streamed in runs of whole rows (13 rows of 1200 bytes; a 16400-byte row alone), with the
+    same results as plain stores."""
+    feats = [randn(gen, 1, 2, 4, 4, dtype=torch.bfloat16)]
+    old = _ops._C._set_staged_rows(True)
+    try:
+        fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, size))
+    finally:
+        _ops._C._set_staged_rows(old)
+    assert streamed == AVX2
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, ref_upsample_concat(feats, size), **tol(torch.bfloat16, upscale=True))
+
+
 def test_staged_rows_hook_default_and_returns_previous():
     """On by default on Intel processors only (JobPlan::stream); the hook returns the previous value."""
     intel = False

@@ -1299,22 +1299,31 @@ struct RowMaker {
       if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>)
         safe = tp.th_weights_large && avx512bf16() && blend_inputs_safe(block.data(), rows * n);
 #endif
-      // 16-bit rows that stream (stages_rows): rows oy .. e - 1, contiguous in the output, are
-      // blended into `stage`, then copied out with non-temporal stores in one run, whole
-      // cache lines but at its two ends.
-      const bool staged = sizeof(dst_t) == 2 && stream;
-      const int64_t first = oy;
-      dst_t* rows_out = out;
-      if (staged) {
-        const size_t bytes = (e - first) * d.row * sizeof(dst_t);
-        if (stage.size() < bytes) stage.resize(bytes);
-        rows_out = reinterpret_cast<dst_t*>(stage.data());
+      // 16-bit rows that stream (stages_rows) are blended into `stage`, up to kStageBytes of
+      // rows at a time (at least one row), and copied out from there with non-temporal stores,
+      // whole cache lines but at the two ends of each run: the rows of a plane follow each
+      // other in the output. The stage stays in L1 (fpn_concat's planes are 6272 bytes).
+      if (sizeof(dst_t) == 2 && stream) {
+        constexpr int64_t kStageBytes = 16 << 10;
+        const int64_t row_bytes = d.row * static_cast<int64_t>(sizeof(dst_t));
+        const int64_t per_run = std::max<int64_t>(1, kStageBytes / row_bytes);
+        if (static_cast<int64_t>(stage.size()) < std::min(e - oy, per_run) * row_bytes)
+          stage.resize(std::min(e - oy, per_run) * row_bytes);
+        dst_t* staged = reinterpret_cast<dst_t*>(stage.data());
+        while (oy < e) {
+          const int64_t first = oy, last = std::min(e, oy + per_run);
+          while (oy < last) {
+            const acc_t* a = block.data() + (start[oy] - lo) * n;
+            oy = blend_rows2(tp, a, a + n, oy, last, staged, d, false, first, safe);
+          }
+          copy_run(out + first * d.row, staged, (last - first) * row_bytes, true);
+        }
+        continue;
       }
       while (oy < e) {
         const acc_t* a = block.data() + (start[oy] - lo) * n;
-        oy = blend_rows2(tp, a, a + n, oy, e, rows_out, d, stream && !staged, staged ? first : 0, safe);
+        oy = blend_rows2(tp, a, a + n, oy, e, out, d, stream, 0, safe);
       }
-      if (staged) copy_run(out + first * d.row, stage.data(), (e - first) * d.row * sizeof(dst_t), true);
     }
   }
 
