@@ -236,7 +236,9 @@ struct JobPlan {
   std::vector<acc_t> scale_run, shift_run;
   std::vector<acc_t> scale, shift;
   bool direct = false;  // dst is acc_t with no affine: rows are computed in place
-  bool rows2 = false;  // one two-tap h_first term, no affine: RowMaker::run_rows2 or blend2 writes dst
+  // One two-tap h_first term whose starts never decrease (an upscale's), no affine:
+  // RowMaker::run_rows2 or blend2 writes dst.
+  bool rows2 = false;
   // One identity term (a scale 1 level, a feature already at the concat's size), no affine,
   // source and destination of one type: rows are copied. (A bfloat16 row would otherwise
   // go to float and back: pyramid's channels_last bfloat16 forward was slower than float32's.)
@@ -1275,12 +1277,13 @@ struct RowMaker {
     const int64_t n = tp.tw.out;
     while (oy < oy_end) {
       // Output rows oy .. e - 1 read source rows lo .. hi (K = 2: start[r] and start[r] + 1).
-      int64_t lo = start[oy], hi = lo + 1, e = oy + 1;
-      for (; e < oy_end; ++e) {
-        const int64_t l = std::min(lo, start[e]), h = std::max(hi, start[e] + 1);
-        if (h - l + 1 > kRows2Block) break;
-        lo = l, hi = h;
-      }
+      // The starts never decrease (JobPlan::rows2), so the rows are lo .. start[e - 1] + 1. (With
+      // a running minimum and maximum instead, one thread took 3-6% longer over fpn_concat's
+      // bfloat16 NCHW forward.)
+      const int64_t lo = start[oy];
+      int64_t e = oy + 1;
+      while (e < oy_end && start[e] + 2 - lo <= kRows2Block) ++e;
+      const int64_t hi = start[e - 1] + 1;
       const int64_t rows = hi - lo + 1;
       const acc_t* src = source_rows(v, plane + lo * v.row, rows);
       if (static_cast<int64_t>(block.size()) < rows * n) block.resize(rows * n);
@@ -1554,7 +1557,8 @@ void run_typed(const std::vector<Job>& jobs) {
              is_unit(p.terms[0].th);
     p.small = !p.copy && !p.dst.cl && p.dst.W < kSmallRow && cpu_small_planes_enabled();
     for (auto& tp : p.terms) p.small = p.small && plan_small(tp, p.dst.planes);
-    p.rows2 = !p.small && p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_first && p.terms[0].th.K == 2;
+    p.rows2 = !p.small && p.scale.empty() && p.terms.size() == 1 && p.terms[0].h_first && p.terms[0].th.K == 2 &&
+              std::is_sorted(p.terms[0].th.start.begin(), p.terms[0].th.start.end());
     max_acc = std::max(max_acc, p.dst.W * p.dst.cp);
     if (p.small) {
       small_jobs_planned().fetch_add(1, std::memory_order_relaxed);
