@@ -19,6 +19,8 @@ the one computed image by image (the row order), and the reference's.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import GRAD_TOL, randn, ref_pyramid, ref_upsample_concat, tol
@@ -31,12 +33,21 @@ pytestmark = pytest.mark.skipif(_ops._C is None, reason="msfast._C is not built"
 AVX2 = _ops._C is not None and _ops._C.build_info()["cpu_isa"] in ("avx2", "avx512bf16")
 
 
+@contextlib.contextmanager
+def _staged_rows(on: bool):
+    """Whether 16-bit NCHW blended rows may stream (through the staging buffer), within the block."""
+    old = _ops._C._set_staged_rows(on)
+    try:
+        yield on
+    finally:
+        _ops._C._set_staged_rows(old)
+
+
 @pytest.fixture(params=[False, True], ids=["unstaged", "staged"])
 def staged(request):
-    """Whether 16-bit NCHW blended rows may stream (through the staging buffer), for the test."""
-    old = _ops._C._set_staged_rows(request.param)
-    yield request.param
-    _ops._C._set_staged_rows(old)
+    """Both settings of the staging, for the test."""
+    with _staged_rows(request.param):
+        yield request.param
 
 
 def _streamed(fn, threads=None):
@@ -145,11 +156,8 @@ def test_staged_rows_any_split(gen, dtype, threads):
     and 80-byte rows), with 2x, 4x and 8x blocks of rows and a copied feature beside them;
     the results must equal the plain ones bit for bit, whatever the thread count."""
     feats = [randn(gen, 2, c, s, s, dtype=dtype) for c, s in [(4, 40), (8, 20), (8, 10), (4, 5)]]
-    old = _ops._C._set_staged_rows(True)
-    try:
+    with _staged_rows(True):
         fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, (40, 40)), threads=threads)
-    finally:
-        _ops._C._set_staged_rows(old)
     assert streamed == AVX2
     assert torch.equal(fast, plain)
     torch.testing.assert_close(fast, ref_upsample_concat(feats, (40, 40)), **tol(dtype, upscale=True))
@@ -161,11 +169,8 @@ def test_staged_rows_in_bounded_runs(gen, size):
     and streamed in runs of whole rows (13 rows of 1200 bytes; a 16400-byte row alone), with the
     same results as plain stores."""
     feats = [randn(gen, 1, 2, 4, 4, dtype=torch.bfloat16)]
-    old = _ops._C._set_staged_rows(True)
-    try:
+    with _staged_rows(True):
         fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, size))
-    finally:
-        _ops._C._set_staged_rows(old)
     assert streamed == AVX2
     assert torch.equal(fast, plain)
     torch.testing.assert_close(fast, ref_upsample_concat(feats, size), **tol(torch.bfloat16, upscale=True))

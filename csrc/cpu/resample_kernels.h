@@ -289,14 +289,16 @@ bool copies_row_runs(const JobPlan<acc_t>& p) {
   return p.copy && rows_packed(p.dst) && rows_packed(p.terms[0].v);
 }
 
+// Whether a rows2 term's source is packed NCHW planes, which RowMaker::run_rows2 hands to
+// run_rows2_nchw.
+inline bool rows2_nchw_source(const View& v) { return v.cp == 1 && v.row == v.W && v.H > 0; }
+
 // A two-tap upscale from and into packed NCHW planes (RowMaker::run_rows2_nchw): with 16-bit
 // output and non-temporal stores, its runs of rows are computed into a staging buffer and
 // streamed from there (see JobPlan::stream).
 template <typename acc_t>
 bool stages_rows(const JobPlan<acc_t>& p) {
-  if (!p.rows2 || p.dst.cl || !rows_packed(p.dst)) return false;
-  const View& v = p.terms[0].v;
-  return v.cp == 1 && v.row == v.W && staged_rows().load();
+  return p.rows2 && !p.dst.cl && rows_packed(p.dst) && rows2_nchw_source(p.terms[0].v) && staged_rows().load();
 }
 
 template <typename acc_t>
@@ -1254,7 +1256,7 @@ struct RowMaker {
   void run_rows2(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, int64_t oy_end, dst_t* out,
                  const View& d, bool stream) {
     const View& v = tp.v;
-    if (v.cp == 1 && v.row == v.W && v.H > 0) return run_rows2_nchw(tp, plane, oy, oy_end, out, d, stream);
+    if (rows2_nchw_source(v)) return run_rows2_nchw(tp, plane, oy, oy_end, out, d, stream);
     while (oy < oy_end) {
       fill_ring(tp, plane, oy);
       const int64_t y0 = tp.th.start[oy];
@@ -1310,8 +1312,8 @@ struct RowMaker {
         constexpr int64_t kStageBytes = 16 << 10;
         const int64_t row_bytes = d.row * static_cast<int64_t>(sizeof(dst_t));
         const int64_t per_run = std::max<int64_t>(1, kStageBytes / row_bytes);
-        if (static_cast<int64_t>(stage.size()) < std::min(e - oy, per_run) * row_bytes)
-          stage.resize(std::min(e - oy, per_run) * row_bytes);
+        const int64_t stage_bytes = std::min(e - oy, per_run) * row_bytes;
+        if (static_cast<int64_t>(stage.size()) < stage_bytes) stage.resize(stage_bytes);
         dst_t* staged = reinterpret_cast<dst_t*>(stage.data());
         while (oy < e) {
           const int64_t first = oy, last = std::min(e, oy + per_run);
