@@ -163,10 +163,11 @@ def test_staged_rows_any_split(gen, dtype, threads):
     torch.testing.assert_close(fast, ref_upsample_concat(feats, (40, 40)), **tol(dtype, upscale=True))
 
 
-@pytest.mark.parametrize("size", [(600, 600), (9, 8200)], ids=["tall", "wide"])
+@pytest.mark.parametrize("size", [(600, 600), (9, 8200), (72, 56)], ids=["tall", "wide", "line_runs"])
 def test_staged_rows_in_bounded_runs(gen, size):
-    """A large upscale's block of rows is far more than the staging buffer's 16 KB: it is staged
-    and streamed in runs of whole rows (13 rows of 1200 bytes; a 16400-byte row alone), with the
+    """A large upscale's block of rows is far more than the staging buffer's 2.5 KB: it is
+    staged and streamed in runs of whole rows (2 rows of 1200 bytes; a 16400-byte row alone;
+    112-byte rows in runs of 20, which end on cache lines, and a last run of 12), with the
     same results as plain stores."""
     feats = [randn(gen, 1, 2, 4, 4, dtype=torch.bfloat16)]
     with _staged_rows(True):
