@@ -346,3 +346,26 @@ def test_tables_cached_across_calls_keep_every_argument_apart(gen):
         (out,) = msfast.pyramid(x, **kw)
         (want,) = ref_pyramid(x, **kw)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=lambda m, kw=kw: f"{kw}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thread_shares_by_cost(layout, dtype, gen):
+    """One image at levels of very different cost per row (a copy, antialiased downscales of 4
+    and 8 taps, a 2x upscale): the two threads' shares of the rows are cut by estimated cost
+    (run_typed's row_cost), mid-plane and mid-level. Results must not depend on where: one and
+    two threads give the same bits, and both match the reference."""
+    cl = layout == "channels_last"
+    x = randn(gen, 1, 3, 224, 160, dtype=dtype, channels_last=cl)
+    scales = [1.0, 0.5, 0.25, 2.0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = msfast.pyramid(x, scales)
+        torch.set_num_threads(2)
+        two = msfast.pyramid(x, scales)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, r in zip(one, two, ref_pyramid(x, scales)):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, **tol(dtype))
