@@ -221,6 +221,52 @@ def test_bfloat16_rows_are_the_float32_rows_rounded(specs, channels_last, values
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("specs", [[(16, 32, 32), (16, 16, 16), (16, 8, 8), (8, 4, 4)], [(8, 4, 4)], [(3, 5, 5)],
+                                   [(16, 7, 7)]], ids=["fpn", "8x", "rgb", "odd"])
+@pytest.mark.parametrize("values", ["normal", "nonfinite", "subnormal", "large", "overflow"])
+def test_float16_rows_are_the_float32_rows_rounded(specs, channels_last, values, gen):
+    """float16 rows are computed in float32 and rounded once, 8 values at a time with vcvtps2ph
+    on AVX2 machines (f16x8) and one at a time in the tails: a float16 concat is, bit for bit,
+    the float32 concat of the widened features rounded by torch, also where blends are float16
+    subnormals, near 65504 and past it (rounded to infinity; bicubic overshoot), and where features hold NaN and
+    infinities (a chunk checked finite skips the NaN test). Resampled NaNs are msfast's
+    canonical one (0x7E00 with the sign, as c10's conversion writes it), whichever path wrote
+    them, also from inputs with payloads."""
+    feats = _features(gen, torch.float16, "cpu", "nchw", specs=specs)
+    if values == "subnormal":  # float16's smallest normal is 6.1e-5: most blends below it
+        feats = [(f * 3e-5).half() for f in feats]
+    mode = "bicubic" if values == "overflow" else "bilinear"
+    if values == "overflow":  # steps of +-64000: bicubic overshoots past 65520, which rounds to infinity
+        feats = [(f.sign() * 64000).half() for f in feats]
+    if values == "large":  # bilinear blends up to float16's largest, 65504
+        feats = [(65504 - f.abs() * 40).half() for f in feats]
+    if values == "nonfinite":
+        for f in feats:
+            flat = f.view(-1)
+            flat[::37], flat[5::41], flat[9::43], flat[11::29] = float("nan"), float("inf"), -float("inf"), 65504
+            flat.view(torch.int16)[3::31] = 0x7D55  # NaNs with payloads: vcvtps2ph would keep them
+            flat.view(torch.int16)[7::47] = -0x02AB  # 0xFD55
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    out = msfast.upsample_concat(feats, (32, 32), mode=mode)
+    want = msfast.upsample_concat([f.float() for f in feats], (32, 32), mode=mode).half()
+    nan = out.isnan()
+    assert torch.equal(nan, want.isnan())
+    assert (values == "nonfinite") == bool(nan.any())
+    assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    resized = torch.cat([torch.full((f.shape[1],), f.shape[2:] != (32, 32)) for f in feats]).view(1, -1, 1, 1)
+    nan_bits = out.view(torch.int16)[nan & resized]  # (a feature at the output size is copied, bits and all)
+    assert (values == "nonfinite") == bool(nan_bits.numel())
+    assert bool(((nan_bits & 0x7FFF) == 0x7E00).all())
+    if values == "subnormal":
+        assert ((out != 0) & (out.abs() < torch.finfo(torch.float16).tiny)).any()
+    if values == "overflow":
+        assert out.isinf().any()
+    if values == "large":
+        assert (out == 65504).any()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_bfloat16_rounding_of_nan_payloads(channels_last, gen):
     """float32 NaNs whose payload fills the low 16 bits (0x7FFFFFFF, 0xFFFF8001) overflow the
     rounding's bias into the sign bit unless it tests for NaN: upscaled into bfloat16 (a

@@ -359,6 +359,37 @@ inline dst_t to_dst(acc_t v) {
   }
 }
 
+#if MSFAST_CPU_AVX2
+// 8 source values widened to float, exactly as to_acc widens them.
+template <typename src_t>
+MSFAST_INLINE __m256 load8(const src_t* p) {
+  if constexpr (std::is_same_v<src_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<src_t, at::BFloat16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (std::is_same_v<src_t, at::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    static_assert(std::is_same_v<src_t, uint8_t>, "no vector load for this type");
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+#endif
+
+// b[c] = to_acc(a[c]) for c < n. float16 is widened 8 values at a time (vcvtph2ps, exact as
+// to_acc): GCC does not vectorize c10's scalar conversion, which was 12% of fpn_concat's
+// float16 NCHW forward and made its channels_last backward twice bfloat16's.
+template <typename acc_t, typename src_t>
+MSFAST_INLINE void widen(const src_t* __restrict__ a, acc_t* __restrict__ b, int64_t n) {
+  int64_t c = 0;
+#if MSFAST_CPU_AVX2
+  if constexpr (std::is_same_v<src_t, at::Half> && std::is_same_v<acc_t, float>)
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(b + c, load8(a + c));
+#endif
+  for (; c < n; ++c) b[c] = to_acc<acc_t>(a[c]);
+}
+
 // d (+)= w * s, elementwise over a row.
 template <bool kAdd, typename src_t, typename acc_t>
 inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd) {
@@ -374,6 +405,9 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
       for (int64_t c = 0; c < len; c += kLine) __builtin_prefetch(s + so + kAhead * rs.px + c);
     const src_t* __restrict__ a = s + so;
     acc_t* __restrict__ b = d + dof;
+    if constexpr (!kAdd && std::is_same_v<src_t, at::Half>) {
+      if (w == acc_t(1)) return widen(a, b, len);  // RowMaker::source_rows
+    }
     for (int64_t c = 0; c < len; ++c) {
       const acc_t v = w * to_acc<acc_t>(a[c]);
       b[c] = kAdd ? b[c] + v : v;
@@ -402,6 +436,20 @@ template <bool kNan = true>
 MSFAST_INLINE __m128i bf16x8(__m256 x) {
   const __m256i r = bf16_bits<kNan>(x);
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// 8 floats as float16, rounded as to_dst rounds them (c10's conversion: to nearest even, with
+// subnormals, and a NaN as 0x7E00 with its sign); kNan = false: v holds no NaN. vcvtps2ph rounds the same way but keeps a
+// NaN's payload, so NaNs are made 0x7FC00000 (with their sign) first, which it writes as 0x7E00.
+// Before it, a float16 row was written one value at a time: fpn_concat float16 NCHW out= took
+// 51 ms on two threads, ten times bfloat16's.
+template <bool kNan = true>
+MSFAST_INLINE __m128i f16x8(__m256 v) {
+  if constexpr (!kNan) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 quiet = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0f)),
+                                    _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+  v = _mm256_blendv_ps(v, quiet, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 // Whether the bfloat16 rounding uses AVX-512 BF16 (cpu_isa() "avx512bf16"). The functions
@@ -473,6 +521,11 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
   int64_t c = 0;
   if constexpr (std::is_same_v<out_t, float>) {
     for (; c + 8 <= len; c += 8) nt ? _mm256_stream_ps(o + c, value(c)) : _mm256_storeu_ps(o + c, value(c));
+  } else if constexpr (std::is_same_v<out_t, at::Half>) {
+    for (; c + 8 <= len; c += 8) {
+      __m128i* p = reinterpret_cast<__m128i*>(o + c);
+      nt ? _mm_stream_si128(p, f16x8(value(c))) : _mm_storeu_si128(p, f16x8(value(c)));
+    }
   } else {
     if (avx512bf16() && len % 16 == 0) return blend2_bf16_256(a, b, len, w0, w1, o, nt, nt32);
     for (; c + 16 <= len; c += 16) store_bf16x16(o + c, bf16x16(value(c), value(c + 8)), nt, nt32);
@@ -486,7 +539,7 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
   blend_scalar(a, b, w0, w1, o, c, len);
 }
 
-// blend2_rows_bf16 where the processor has AVX-512 BF16, 32 values of every row a step:
+// blend2_rows16 into bfloat16 where the processor has AVX-512 BF16, 32 values of every row a step:
 // vcvtne2ps2bf16 rounds 32 floats in one instruction where the AVX2 rounding takes about 20
 // for 16, and the rounding was what bounded these rows. vcvtne2ps2bf16 flushes subnormals and
 // writes NaNs of its own, so a row's chunk that is subnormal anywhere, or whose inputs are not
@@ -580,17 +633,40 @@ MSFAST_AVX512BF16 void write_bf16_512(
   }
 }
 
-// n bfloat16 rows that blend the same two rows a and b (weights w[2 r], w[2 r + 1]; rows
+// write_row's loops into float16: o[c] = round(a[c]), round(fma(a[c], m1, b1)) (m, b null) or
+// round(fma(a[c], m[c], b[c])), 8 values a step (f16x8), the tail one value at a time with the
+// same operations. The multiply-adds are fused, as in write_bf16_512.
+MSFAST_INLINE void write_f16(const float* a, int64_t len, bool affine, float m1, float b1, const float* m,
+                             const float* b, at::Half* o) {
+  int64_t c = 0;
+  for (; c + 8 <= len; c += 8) {
+    __m256 v = _mm256_loadu_ps(a + c);
+    if (m) {
+      v = _mm256_fmadd_ps(v, _mm256_loadu_ps(m + c), _mm256_loadu_ps(b + c));
+    } else if (affine) {
+      v = _mm256_fmadd_ps(v, _mm256_set1_ps(m1), _mm256_set1_ps(b1));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + c), f16x8(v));
+  }
+  for (; c < len; ++c)
+    o[c] = to_dst<at::Half>(m ? std::fma(a[c], m[c], b[c]) : affine ? std::fma(a[c], m1, b1) : a[c]);
+}
+
+// n 16-bit rows that blend the same two rows a and b (weights w[2 r], w[2 r + 1]; rows
 // `stride` values apart), 16 values of every row at a time: a chunk of a and b is loaded once
 // for all rows, and where it holds only finite values (checked once for all rows) no blend of
 // it is NaN, so the rounding skips its NaN test. The same values as n calls of blend2_avx2.
-// (An 8x upscale's 56-value rows: 8 rows per pair of ring rows.) safe: a and b passed
-// blend_inputs_safe and the weights are large (TermPlan::th_weights_large).
-MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len, const float* w, int64_t n,
-                                    at::BFloat16* o, int64_t stride, bool safe = false) {
-  if (avx512bf16())
-    return safe ? blend2_rows_bf16_512<true>(a, b, len, w, n, o, stride)
-                : blend2_rows_bf16_512<false>(a, b, len, w, n, o, stride);
+// (An 8x upscale's 56-value rows: 8 rows per pair of ring rows.) safe (bfloat16): a and b
+// passed blend_inputs_safe and the weights are large (TermPlan::th_weights_large).
+template <typename out_t>
+MSFAST_INLINE void blend2_rows16(const float* a, const float* b, int64_t len, const float* w, int64_t n, out_t* o,
+                                 int64_t stride, bool safe = false) {
+  constexpr bool kBf16 = std::is_same_v<out_t, at::BFloat16>;
+  if constexpr (kBf16) {
+    if (avx512bf16())
+      return safe ? blend2_rows_bf16_512<true>(a, b, len, w, n, o, stride)
+                  : blend2_rows_bf16_512<false>(a, b, len, w, n, o, stride);
+  }
   int64_t c = 0;
   // 16 values of every row (8 for the last ones)
   auto chunk = [&](auto wide) __attribute__((always_inline)) {
@@ -602,12 +678,13 @@ MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len,
       for (int64_t r = 0; r < n; ++r) {
         const __m256 v0 = _mm256_set1_ps(w[2 * r]), v1 = _mm256_set1_ps(w[2 * r + 1]);
         const __m256 x = _mm256_fmadd_ps(v1, b0, _mm256_mul_ps(v0, a0));
-        at::BFloat16* p = o + r * stride + c;
+        out_t* p = o + r * stride + c;
         if constexpr (k16) {
           const __m256 y = _mm256_fmadd_ps(v1, b1, _mm256_mul_ps(v0, a1));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16x16<kNan>(x, y));
+          const __m256i h = kBf16 ? bf16x16<kNan>(x, y) : _mm256_set_m128i(f16x8<kNan>(y), f16x8<kNan>(x));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
         } else {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8<kNan>(x));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(p), kBf16 ? bf16x8<kNan>(x) : f16x8<kNan>(x));
         }
       }
     };
@@ -623,6 +700,16 @@ MSFAST_INLINE void blend2_rows_bf16(const float* a, const float* b, int64_t len,
   for (int64_t r = 0; r < n; ++r) blend_scalar(a, b, w[2 * r], w[2 * r + 1], o + r * stride, c, len);
 }
 #endif
+
+// o[c] = to_dst(a[c]) for c < n (float16: write_f16's vector steps).
+template <typename dst_t, typename acc_t>
+MSFAST_INLINE void narrow(const acc_t* __restrict__ a, dst_t* __restrict__ o, int64_t n) {
+#if MSFAST_CPU_AVX2
+  if constexpr (std::is_same_v<dst_t, at::Half> && std::is_same_v<acc_t, float>)
+    return write_f16(a, n, false, 0.f, 0.f, nullptr, nullptr, o);
+#endif
+  for (int64_t c = 0; c < n; ++c) o[c] = to_dst<dst_t>(a[c]);
+}
 
 // memcpy, with 16-byte non-temporal stores when `stream` and dst is aligned to them.
 inline void copy_run(void* dst, const void* src, int64_t bytes, bool stream) {
@@ -651,7 +738,8 @@ MSFAST_INLINE void axpy2(const acc_t* s0, const acc_t* s1, const Row& rs, acc_t 
     out_t* __restrict__ o = d + dof;
 #if MSFAST_CPU_AVX2
     if constexpr (!kAdd && std::is_same_v<acc_t, float> &&
-                  (std::is_same_v<out_t, float> || std::is_same_v<out_t, at::BFloat16>))
+                  (std::is_same_v<out_t, float> || std::is_same_v<out_t, at::BFloat16> ||
+                   std::is_same_v<out_t, at::Half>))
       return blend2_avx2(a, b, len, w0, w1, o, stream);
 #endif
     for (int64_t c = 0; c < len; ++c) {
@@ -665,23 +753,6 @@ MSFAST_INLINE void axpy2(const acc_t* s0, const acc_t* s1, const Row& rs, acc_t 
   });
 }
 
-#if MSFAST_CPU_AVX2
-// 8 source values widened to float, exactly as to_acc widens them.
-template <typename src_t>
-MSFAST_INLINE __m256 load8(const src_t* p) {
-  if constexpr (std::is_same_v<src_t, float>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<src_t, at::BFloat16>) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else if constexpr (std::is_same_v<src_t, at::Half>) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  } else {
-    static_assert(std::is_same_v<src_t, uint8_t>, "no vector load for this type");
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-}
-#endif
 
 // o[c] (+)= sum_k w[k] * s[k * stride + c] for c < len: all K taps of a value summed in a
 // register, then one store. Tap by tap, each tap was a pass that loaded and stored the whole
@@ -1341,7 +1412,7 @@ struct RowMaker {
 
   // Output rows from oy on that read source rows start[oy] and start[oy] + 1 (resampled
   // horizontally: a, b), before oy_end; returns the first row after them. Row y goes to
-  // out + (y - out_row0) * d.row. safe: see blend2_rows_bf16.
+  // out + (y - out_row0) * d.row. safe: see blend2_rows16.
   template <typename dst_t>
   MSFAST_INLINE int64_t blend_rows2(const TermPlan<acc_t>& tp, const acc_t* a, const acc_t* b, int64_t oy,
                                     int64_t oy_end, dst_t* out, const View& d, bool stream,
@@ -1351,11 +1422,12 @@ struct RowMaker {
     const acc_t* w = tp.th.w.data();
     const int64_t y0 = start[oy];
 #if MSFAST_CPU_AVX2
-    if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    if constexpr ((std::is_same_v<dst_t, at::BFloat16> || std::is_same_v<dst_t, at::Half>) &&
+                  std::is_same_v<acc_t, float>) {
       if (!stream && ro.packed()) {
         int64_t e = oy;
         while (e < oy_end && start[e] == y0) ++e;
-        blend2_rows_bf16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + (oy - out_row0) * d.row, d.row, safe);
+        blend2_rows16(a, b, ro.W * ro.cp, w + 2 * oy, e - oy, out + (oy - out_row0) * d.row, d.row, safe);
         return e;
       }
     }
@@ -1379,11 +1451,16 @@ void write_row(dst_t* out, const Row& ro, int64_t ch, const acc_t* acc, const Jo
     dst_t* __restrict__ o = out + oo;
     const acc_t* __restrict__ a = acc + ao;
 #if MSFAST_CPU_AVX2
-    if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
-      if (avx512bf16()) {
-        const bool cl = affine && j.dst.cl;
-        return write_bf16_512(a, len, affine, affine && !cl ? j.scale[ch] : 0.f, affine && !cl ? j.shift[ch] : 0.f,
-                              cl ? j.scale_run.data() : nullptr, cl ? j.shift_run.data() : nullptr, o);
+    if constexpr ((std::is_same_v<dst_t, at::BFloat16> || std::is_same_v<dst_t, at::Half>) &&
+                  std::is_same_v<acc_t, float>) {
+      const bool cl = affine && j.dst.cl;
+      const float m1 = affine && !cl ? j.scale[ch] : 0.f, b1 = affine && !cl ? j.shift[ch] : 0.f;
+      const float* m = cl ? j.scale_run.data() : nullptr;
+      const float* b = cl ? j.shift_run.data() : nullptr;
+      if constexpr (std::is_same_v<dst_t, at::Half>) {
+        return write_f16(a, len, affine, m1, b1, m, b, o);
+      } else if (avx512bf16()) {
+        return write_bf16_512(a, len, affine, m1, b1, m, b, o);
       }
     }
 #endif
@@ -1425,8 +1502,12 @@ bool small_rows(const JobPlan<acc_t>& p, int64_t plane, int64_t oy, int64_t oy_e
       for (int64_t y = 0; y < (packed ? 1 : v.H); ++y) {
         const src_t* __restrict__ r = s + y * v.row;
         acc_t* __restrict__ b = in + g * m + y * v.W;
-        for (int64_t x = 0; x < (packed ? m : v.W); ++x) {
-          b[x] = to_acc<acc_t>(r[x]);
+        const int64_t n = packed ? m : v.W;
+        // (float16 widened apart, in vector steps; the others in the loop, one pass: as two
+        // passes the fusion concat was 5-10% slower in float32 and bfloat16.)
+        if constexpr (std::is_same_v<src_t, at::Half>) widen(r, b, n);
+        for (int64_t x = 0; x < n; ++x) {
+          if constexpr (!std::is_same_v<src_t, at::Half>) b[x] = to_acc<acc_t>(r[x]);
           bad |= !(std::fabs(b[x]) <= std::numeric_limits<acc_t>::max());
         }
       }
@@ -1458,7 +1539,7 @@ bool small_rows(const JobPlan<acc_t>& p, int64_t plane, int64_t oy, int64_t oy_e
       dst_t* __restrict__ o = out + r * p.dst.row;
       const acc_t* __restrict__ ar = a + r * Wo;
       if (p.scale.empty()) {
-        for (int64_t i = 0; i < len; ++i) o[i] = to_dst<dst_t>(ar[i]);
+        narrow(ar, o, len);
       } else {
         write_row(o, packed_row(len, 1), (plane + g) % p.dst.pdiv, ar, p);
       }
@@ -1699,8 +1780,7 @@ void run_typed(const std::vector<Job>& jobs) {
                 copy_run(out[j] + y * p.dst.row + x * p.dst.px, a, v.cp * sizeof(dst_t), p.stream);
                 continue;
               }
-              acc_t* __restrict__ b = rows[j].data() + x * v.cp;
-              for (int64_t c = 0; c < v.cp; ++c) b[c] = to_acc<acc_t>(a[c]);
+              widen(a, rows[j].data() + x * v.cp, v.cp);
             }
           }
           for (int64_t j = 0; j < J; ++j) {
