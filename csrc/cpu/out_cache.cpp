@@ -1,9 +1,16 @@
 // Output memory for the CPU kernels. A fresh multi-megabyte tensor comes from glibc's mmap
 // and costs a page fault per 4 KiB page on its first write: for fpn_concat's 192 MB output
 // that is several times the time of computing it. msfast keeps the blocks of its freed
-// large outputs (2 MiB aligned, transparent huge pages requested) and hands them out again,
-// as PyTorch's CUDA caching allocator does on the GPU. The cache is bounded
-// (MSFAST_CPU_CACHE_MB, default 1024; 0 disables it) and msfast.empty_cache() empties it.
+// outputs of 64 KiB or more (those of 2 MiB or more 2 MiB aligned, transparent huge pages
+// requested) and hands them out again, as PyTorch's CUDA caching allocator does on the GPU.
+// The cache is bounded (MSFAST_CPU_CACHE_MB, default 1024; 0 disables it) and
+// msfast.empty_cache() empties it.
+//
+// Why from 64 KiB: glibc's free() of a chunk of 64 KiB or more may trim the top of its heap,
+// returning to the system whatever other code freed there. With outputs from 1 MiB only, a
+// bfloat16 preprocess call (msfast bench) freed its 0.6 MB level through glibc, and after an
+// eager call that had freed its own tensors, that free took 2-4 ms of the call's 4 ms in
+// about half the calls (unmapping eager's memory; MALLOC_TRIM_THRESHOLD_ set huge removed it).
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -23,8 +30,11 @@
 namespace msfast {
 namespace {
 
-constexpr size_t kAlign = size_t{2} << 20;      // a huge page
-constexpr size_t kMinBytes = size_t{1} << 20;  // smaller outputs use torch's allocator
+constexpr size_t kHuge = size_t{2} << 20;      // a huge page: the unit of blocks from 2 MiB
+constexpr size_t kSmall = size_t{64} << 10;    // the unit of smaller blocks
+constexpr size_t kMinBytes = size_t{64} << 10;  // smaller outputs use torch's allocator
+
+size_t unit_of(size_t n) { return n >= kHuge ? kHuge : kSmall; }
 
 size_t cache_limit() {
   static const size_t limit = [] {
@@ -38,13 +48,13 @@ size_t cache_limit() {
 class OutputCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    const size_t cap = (n + kAlign - 1) / kAlign * kAlign;
+    const size_t unit = unit_of(n), cap = (n + unit - 1) / unit * unit;
     void* p = take(n);
     if (!p) {
-      p = std::aligned_alloc(kAlign, cap);
+      p = std::aligned_alloc(unit == kHuge ? kHuge : 64, cap);
       TORCH_CHECK(p != nullptr, "msfast: out of memory allocating ", n, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      madvise(p, cap, MADV_HUGEPAGE);  // a hint: fewer, larger page faults on first touch
+      if (unit == kHuge) madvise(p, cap, MADV_HUGEPAGE);  // a hint: fewer, larger page faults on first touch
 #endif
       std::lock_guard<std::mutex> g(mu_);
       sizes_[p] = cap;
@@ -74,7 +84,7 @@ class OutputCache final : public c10::Allocator {
   void* take(size_t n) {
     std::lock_guard<std::mutex> g(mu_);
     auto it = free_.lower_bound(n);
-    if (it == free_.end() || it->first > n + n / 4 + kAlign) return nullptr;
+    if (it == free_.end() || it->first > n + n / 4 + unit_of(n)) return nullptr;
     void* p = it->second;
     idle_ -= it->first;
     free_.erase(it);

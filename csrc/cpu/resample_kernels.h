@@ -439,10 +439,10 @@ MSFAST_INLINE __m128i bf16x8(__m256 x) {
 }
 
 // 8 floats as float16, rounded as to_dst rounds them (c10's conversion: to nearest even, with
-// subnormals, and a NaN as 0x7E00 with its sign); kNan = false: v holds no NaN. vcvtps2ph rounds the same way but keeps a
-// NaN's payload, so NaNs are made 0x7FC00000 (with their sign) first, which it writes as 0x7E00.
-// Before it, a float16 row was written one value at a time: fpn_concat float16 NCHW out= took
-// 51 ms on two threads, ten times bfloat16's.
+// subnormals, and a NaN as 0x7E00 with its sign). vcvtps2ph rounds the same way but keeps a
+// NaN's payload, so NaNs are made 0x7FC00000 (with their sign) first, which it writes as
+// 0x7E00; kNan = false: v holds no NaN. Before it, a float16 row was written one value at a
+// time: fpn_concat float16 NCHW out= took 51 ms on two threads, ten times bfloat16's.
 template <bool kNan = true>
 MSFAST_INLINE __m128i f16x8(__m256 v) {
   if constexpr (!kNan) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -1379,8 +1379,8 @@ struct RowMaker {
       // time, and copied out from there with non-temporal stores: the rows of a plane follow
       // each other in the output. A run is about kStageBytes of whole rows (at least one row),
       // a multiple of the rows that span whole cache lines where one fits, and runs start at
-      // multiples of it in the plane: then a run's ends fall on line boundaries, and no line is
-      // streamed in two parts. fpn_concat bfloat16 NCHW out=, two threads, medians over
+      // multiples of it in the plane: then, in a plane that starts on a line (fpn_concat's
+      // do), a run's ends fall on line boundaries, and no line is streamed in two parts. fpn_concat bfloat16 NCHW out=, two threads, medians over
       // processes alternated four times: whole planes (6272 bytes) 5.4-5.9 ms, runs of 20 rows
       // (2240 bytes) 4.9-5.2; runs of 18 rows (2016 bytes, ending mid-line) 5.2-5.6; runs of 8
       // or fewer rows were slower again. (Short runs let one run's stores drain while the next
