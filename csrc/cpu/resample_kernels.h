@@ -1381,8 +1381,8 @@ struct RowMaker {
       // a multiple of the rows that span whole cache lines where one fits, and runs start at
       // multiples of it in the plane: then, in a plane that starts on a line (fpn_concat's
       // do), a run's ends fall on line boundaries, and no line is streamed in two parts. fpn_concat bfloat16 NCHW out=, two threads, medians over
-      // processes alternated four times: whole planes (6272 bytes) 5.4-5.9 ms, runs of 20 rows
-      // (2240 bytes) 4.9-5.2; runs of 18 rows (2016 bytes, ending mid-line) 5.2-5.6; runs of 8
+      // processes alternated four times: whole planes (6272 bytes) 5.4-6.6 ms, runs of 20 rows
+      // (2240 bytes) 4.9-5.3; runs of 18 rows (2016 bytes, ending mid-line) 5.2-5.6; runs of 8
       // or fewer rows were slower again. (Short runs let one run's stores drain while the next
       // is blended; this is what was measured, not a traced cause.)
       if (sizeof(dst_t) == 2 && stream) {
