@@ -47,7 +47,10 @@ CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", 
 TRAIN_CASES = ("resnet_train_step",)
 COMPILE_SKIPPED = ("torch.compile of the whole ResNet-18 training step took 200 s to compile (one variant, 2-core "
                    "machine); this case compares the two eager backends")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float16 on request (--dtypes): ATen's CPU float16 convolutions are slow where the processor
+# has no float16 arithmetic (resnet_train_step: 46 s a step at N=8 on this project's Xeon).
+DEFAULT_DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("nchw", "channels_last")
 PASSES = ("fwd", "fwd+bwd")
 
@@ -84,7 +87,7 @@ def _nbytes(shape, dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def variants(device: str, cases=CASES, dtypes=tuple(DTYPES), layouts=LAYOUTS, passes=PASSES, quick=False):
+def variants(device: str, cases=CASES, dtypes=DEFAULT_DTYPES, layouts=LAYOUTS, passes=PASSES, quick=False):
     """The variants of the standard cases that make sense (uint8 preprocess has no backward,
     its input layout is fixed; the out= case is forward only; a training step is one pass)."""
     out = []
@@ -439,12 +442,15 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 7)
-    cases = args.cases.split(",") if args.cases else list(CASES)
-    for c in cases:
-        if c not in CASES:
-            raise SystemExit(f"msfast bench: unknown case {c!r}; choose from {', '.join(CASES)}")
-    dtypes = args.dtypes.split(",") if args.dtypes else list(DTYPES)
-    layouts = args.layouts.split(",") if args.layouts else list(LAYOUTS)
+    def pick(option, value, allowed, default):
+        names = value.split(",") if value else list(default)
+        for n in names:
+            if n not in allowed:
+                raise SystemExit(f"msfast bench: unknown {option} entry {n!r}; choose from {', '.join(allowed)}")
+        return names
+    cases = pick("--cases", args.cases, CASES, CASES)
+    dtypes = pick("--dtypes", args.dtypes, tuple(DTYPES), DEFAULT_DTYPES)
+    layouts = pick("--layouts", args.layouts, LAYOUTS, LAYOUTS)
     vs = variants(device, cases, dtypes, layouts, PASSES, args.quick)
     bws = copy_bandwidths(device)
     bw = max(bws.values())
@@ -609,7 +615,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time msfast against eager PyTorch and torch.compile")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--cases", default="", help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--dtypes", default="", help="comma-separated subset of float32,bfloat16")
+    p.add_argument("--dtypes", default="", help="comma-separated subset of float32,bfloat16,float16 "
+                   "(default float32,bfloat16)")
     p.add_argument("--layouts", default="", help="comma-separated subset of nchw,channels_last")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions per measurement (default 7, quick 3)")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import REPO_ROOT
 
@@ -164,3 +165,21 @@ def test_bench_resample_ms_counts_only_the_resampling():
         with torch.profiler.profile() as prof:
             step()
         assert not any(e.name.startswith("msfast.bench.") for e in prof.events())
+
+
+def test_bench_rejects_unknown_names_and_takes_float16_on_request(capsys):
+    """--cases, --dtypes and --layouts name what they reject; float16 is not a default dtype
+    but runs when asked for (one row per pass, timed against eager)."""
+    import argparse
+
+    from msfast import bench
+
+    base = dict(device="cpu", threads=None, reps=2, quick=True, cases="pyramid_n1", dtypes=None, layouts=None,
+                no_compile=True)
+    for option, bad in [("cases", "pyramid_n2"), ("dtypes", "float8"), ("layouts", "nhwc")]:
+        with pytest.raises(SystemExit, match=f"--{option} entry '{bad}'"):
+            bench.run(argparse.Namespace(**dict(base, **{option: bad})))
+    assert "float16" not in {v.dtype for v in bench.variants("cpu", ["pyramid_n1"], quick=True)}
+    result = bench.run(argparse.Namespace(**dict(base, dtypes="float16")))
+    assert [(r["dtype"], r["pass"]) for r in result["rows"]] == [("float16", "fwd"), ("float16", "fwd+bwd")]
+    assert all(r["msfast_ms"] > 0 and r["eager_ms"] > 0 for r in result["rows"])
