@@ -32,7 +32,7 @@ namespace {
 
 constexpr size_t kHuge = size_t{2} << 20;      // a huge page: the unit of blocks from 2 MiB
 constexpr size_t kSmall = size_t{64} << 10;    // the unit of smaller blocks
-constexpr size_t kMinBytes = size_t{64} << 10;  // smaller outputs use torch's allocator
+constexpr size_t kMinBytes = kSmall;           // smaller outputs use torch's allocator
 
 size_t unit_of(size_t n) { return n >= kHuge ? kHuge : kSmall; }
 

@@ -405,9 +405,7 @@ inline void axpy(const src_t* s, const Row& rs, acc_t w, acc_t* d, const Row& rd
       for (int64_t c = 0; c < len; c += kLine) __builtin_prefetch(s + so + kAhead * rs.px + c);
     const src_t* __restrict__ a = s + so;
     acc_t* __restrict__ b = d + dof;
-    if constexpr (!kAdd && std::is_same_v<src_t, at::Half>) {
-      if (w == acc_t(1)) return widen(a, b, len);  // RowMaker::source_rows
-    }
+    if (!kAdd && w == acc_t(1)) return widen(a, b, len);  // a conversion (RowMaker::source_rows)
     for (int64_t c = 0; c < len; ++c) {
       const acc_t v = w * to_acc<acc_t>(a[c]);
       b[c] = kAdd ? b[c] + v : v;
@@ -1348,6 +1346,27 @@ struct RowMaker {
     const View& v = tp.v;
     const int64_t* start = tp.th.start.data();
     const int64_t n = tp.tw.out;
+    // 16-bit rows that stream (stages_rows) are blended into `stage`, a run of rows at a time,
+    // and copied out from there with non-temporal stores: the rows of a plane follow each
+    // other in the output. A run is about kStageBytes of whole rows (at least one row), a
+    // multiple of the rows that span whole cache lines where one fits, and runs start at
+    // multiples of it in the plane: then, in a plane that starts on a line (fpn_concat's do),
+    // a run's ends fall on line boundaries, and no line is streamed in two parts. fpn_concat
+    // bfloat16 NCHW out=, two threads, medians over processes alternated four times: whole
+    // planes (6272 bytes) 5.4-6.6 ms, runs of 20 rows (2240 bytes) 4.9-5.3; runs of 18 rows
+    // (2016 bytes, ending mid-line) 5.2-5.6; runs of 8 or fewer rows were slower again. (Short
+    // runs let one run's stores drain while the next is blended; this is what was measured,
+    // not a traced cause.)
+    const bool staged = sizeof(dst_t) == 2 && stream;
+    const int64_t row_bytes = d.row * static_cast<int64_t>(sizeof(dst_t));
+    int64_t per_run = 0;  // rows
+    if (staged) {
+      constexpr int64_t kStageBytes = 2560;
+      const int64_t line_rows = 64 / std::gcd<int64_t>(row_bytes, 64);
+      per_run = std::max<int64_t>(1, kStageBytes / row_bytes);
+      if (per_run >= line_rows) per_run -= per_run % line_rows;
+      if (static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
+    }
     while (oy < oy_end) {
       // Output rows oy .. e - 1 read source rows lo .. hi (K = 2: start[r] and start[r] + 1).
       // The starts never decrease (JobPlan::rows2), so e is found by bisection and the rows are
@@ -1375,31 +1394,15 @@ struct RowMaker {
       if constexpr (std::is_same_v<dst_t, at::BFloat16> && std::is_same_v<acc_t, float>)
         safe = tp.th_weights_large && avx512bf16() && blend_inputs_safe(block.data(), rows * n);
 #endif
-      // 16-bit rows that stream (stages_rows) are blended into `stage`, a run of rows at a
-      // time, and copied out from there with non-temporal stores: the rows of a plane follow
-      // each other in the output. A run is about kStageBytes of whole rows (at least one row),
-      // a multiple of the rows that span whole cache lines where one fits, and runs start at
-      // multiples of it in the plane: then, in a plane that starts on a line (fpn_concat's
-      // do), a run's ends fall on line boundaries, and no line is streamed in two parts. fpn_concat bfloat16 NCHW out=, two threads, medians over
-      // processes alternated four times: whole planes (6272 bytes) 5.4-6.6 ms, runs of 20 rows
-      // (2240 bytes) 4.9-5.3; runs of 18 rows (2016 bytes, ending mid-line) 5.2-5.6; runs of 8
-      // or fewer rows were slower again. (Short runs let one run's stores drain while the next
-      // is blended; this is what was measured, not a traced cause.)
-      if (sizeof(dst_t) == 2 && stream) {
-        constexpr int64_t kStageBytes = 2560;
-        const int64_t row_bytes = d.row * static_cast<int64_t>(sizeof(dst_t));
-        const int64_t line_rows = 64 / std::gcd<int64_t>(row_bytes, 64);
-        int64_t per_run = std::max<int64_t>(1, kStageBytes / row_bytes);
-        if (per_run >= line_rows) per_run -= per_run % line_rows;
-        if (static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
-        dst_t* staged = reinterpret_cast<dst_t*>(stage.data());
+      if (staged) {
+        dst_t* rows_out = reinterpret_cast<dst_t*>(stage.data());
         while (oy < e) {
           const int64_t first = oy, last = std::min(e, (oy / per_run + 1) * per_run);
           while (oy < last) {
             const acc_t* a = block.data() + (start[oy] - lo) * n;
-            oy = blend_rows2(tp, a, a + n, oy, last, staged, d, false, first, safe);
+            oy = blend_rows2(tp, a, a + n, oy, last, rows_out, d, false, first, safe);
           }
-          copy_run(out + first * d.row, staged, (last - first) * row_bytes, true);
+          copy_run(out + first * d.row, rows_out, (last - first) * row_bytes, true);
         }
         continue;
       }
@@ -1465,7 +1468,7 @@ void write_row(dst_t* out, const Row& ro, int64_t ch, const acc_t* acc, const Jo
     }
 #endif
     if (!affine) {
-      for (int64_t c = 0; c < len; ++c) o[c] = to_dst<dst_t>(a[c]);
+      narrow(a, o, len);
     } else if (!j.dst.cl) {
       const acc_t m = j.scale[ch], b = j.shift[ch];
       for (int64_t c = 0; c < len; ++c) o[c] = to_dst<dst_t>(a[c] * m + b);
@@ -1876,11 +1879,11 @@ void run_typed(const std::vector<Job>& jobs) {
   // level's rows little. One 224x224 RGB image at scales 1, 0.5, 0.25 (antialiased), split by
   // count on two threads: one thread got plane 0 and most of plane 1's copied rows, the other
   // the downscaled rows of planes 1 and 2, twice the first's arithmetic.
-  std::vector<int64_t> cost;  // per job, of one output row
+  std::vector<int64_t> cost;  // per job, of one output row (plane-major calls only)
   int64_t plane_cost = 0;
-  for (const auto& p : plans) {
-    cost.push_back(row_cost(p));
-    plane_cost += p.dst.H * cost.back();
+  for (size_t j = 0; plane_major && j < plans.size(); ++j) {
+    cost.push_back(row_cost(plans[j]));
+    plane_cost += plans[j].dst.H * cost.back();
   }
   // The first row (item) after a share of c cost units of rows.
   auto row_at = [&](int64_t c) {
