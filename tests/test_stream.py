@@ -121,8 +121,9 @@ def test_unstreamable_calls_use_plain_stores(gen, case):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pyramid_streams_its_copied_level_only(gen, channels_last, dtype):
     """Each level is its own tensor: the scale-1 level (a copy; in 16-bit NCHW one run of rows
-    per task) streams, the downscaled ones keep plain stores, and all match the plain results
-    and the reference."""
+    per task) streams, the downscaled ones, whose rows (80 or 40 bytes in NCHW float32, 240 or
+    120 in channels_last) are not whole stores, keep plain stores, and all match the plain
+    results and the reference."""
     x = randn(gen, 2, 3, 32, 40, dtype=dtype, channels_last=channels_last)
     kw = dict(mode="bilinear", antialias=True)
     fast, plain, streamed = _streamed(lambda: msfast.pyramid(x, [1.0, 0.5, 0.25], **kw))
@@ -130,6 +131,60 @@ def test_pyramid_streams_its_copied_level_only(gen, channels_last, dtype):
     for a, b, r in zip(fast, plain, ref_pyramid(x, [1.0, 0.5, 0.25], **kw), strict=True):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, r, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_other_rows_stream_through_the_stage(gen, dtype, channels_last, threads, staged):
+    """Rows that are neither blends of two rows nor copies (here antialiased downscales only,
+    so nothing else streams) are computed into a staging buffer in runs of rows and streamed
+    from there: 512-byte float32 NCHW rows in runs of 5, 1536-byte channels_last rows one at a
+    time, and runs cut where a task's rows end (a [2, 3, 128, 128] level is three tasks). 16-bit
+    rows only where blends are staged too. Bit for bit the plain results, whatever the thread
+    count, and the reference's values."""
+    x = randn(gen, 2, 3, 256, 256, dtype=dtype, channels_last=channels_last)
+    kw = dict(mode="bilinear", antialias=True)
+    fast, plain, streamed = _streamed(lambda: msfast.pyramid(x, [0.5, 0.25], **kw), threads=threads)
+    assert streamed == (AVX2 and (dtype == torch.float32 or staged))
+    for a, b, r in zip(fast, plain, ref_pyramid(x, [0.5, 0.25], **kw), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, **tol(dtype))
+
+
+def test_normalized_uint8_pyramid_streams(gen):
+    """preprocess's call: uint8 images read as a channels_last view, normalized into float32
+    levels (each row an affine job's), streamed through the stage where the rows are whole
+    stores (56 and 32 pixels of 3 channels: 672 and 384 bytes; the 42-pixel level's 504-byte
+    rows are not), bit for bit the plain results."""
+    img = torch.randint(0, 256, (4, 64, 112, 3), dtype=torch.uint8, generator=gen)
+    x = img.permute(0, 3, 1, 2)
+    kw = dict(mode="bilinear", antialias=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    scales = [0.5, 0.375, 0.25]
+    fast, plain, streamed = _streamed(lambda: msfast.pyramid(x, scales, **kw))
+    assert streamed == AVX2
+    for a, b, r in zip(fast, plain, ref_pyramid(x, scales, **kw), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_streamed_pyramid_backward(gen, channels_last):
+    """A pyramid's backward writes the input's gradient as rows of transposed tables, streamed
+    through the stage: the same gradient as with plain stores, bit for bit, and the reference's."""
+    x = randn(gen, 2, 3, 64, 64, channels_last=channels_last)
+    scales = [0.5, 0.25]
+    grads = [randn(gen, 2, 3, int(64 * s), int(64 * s), channels_last=channels_last) for s in scales]
+
+    def grad(fn):
+        xx = x.detach().clone().requires_grad_(True)
+        torch.autograd.backward(fn(xx, scales, antialias=True), grads)
+        return xx.grad
+
+    fast, plain, streamed = _streamed(lambda: grad(msfast.pyramid))
+    assert streamed == AVX2
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, grad(ref_pyramid), **GRAD_TOL)
 
 
 def test_bfloat16_nchw_copy_streams_alone(gen, staged):

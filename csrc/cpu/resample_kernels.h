@@ -293,6 +293,25 @@ bool copies_row_runs(const JobPlan<acc_t>& p) {
 // run_rows2_nchw.
 inline bool rows2_nchw_source(const View& v) { return v.cp == 1 && v.row == v.W && v.H > 0; }
 
+// Rows per run of rows computed into a staging buffer and streamed from there: about
+// kStageBytes of whole rows (at least one), a multiple of the rows that span whole cache lines
+// where one fits. Runs start at multiples of it in a plane: then, in a plane that starts on a
+// line, a run's ends fall on line boundaries, and no line is streamed in two parts.
+// fpn_concat bfloat16 NCHW out= (run_rows2_nchw), two threads, medians over processes
+// alternated four times: whole planes (6272 bytes) 5.4-6.6 ms, runs of 20 rows (2240 bytes)
+// 4.9-5.3; runs of 18 rows (2016 bytes, ending mid-line) 5.2-5.6; runs of 8 or fewer rows
+// were slower again. (Short runs let one run's stores drain while the next is computed; this
+// is what was measured, not a traced cause.) Rows of other jobs (run_typed): a float32
+// [1, 0.75, 0.5, 0.25] preprocess of 32 images, two threads, each call after an eager one,
+// runs of one 2688-byte row 3.8 ms, of 16 KB 4.0-4.1 ms.
+inline int64_t staged_run_rows(int64_t row_bytes) {
+  constexpr int64_t kStageBytes = 2560;
+  const int64_t line_rows = 64 / std::gcd<int64_t>(row_bytes, 64);
+  int64_t per_run = std::max<int64_t>(1, kStageBytes / row_bytes);
+  if (per_run >= line_rows) per_run -= per_run % line_rows;
+  return per_run;
+}
+
 // A two-tap upscale from and into packed NCHW planes (RowMaker::run_rows2_nchw): with 16-bit
 // output and non-temporal stores, its runs of rows are computed into a staging buffer and
 // streamed from there (see JobPlan::stream).
@@ -709,10 +728,17 @@ MSFAST_INLINE void narrow(const acc_t* __restrict__ a, dst_t* __restrict__ o, in
   for (int64_t c = 0; c < n; ++c) o[c] = to_dst<dst_t>(a[c]);
 }
 
-// memcpy, with 16-byte non-temporal stores when `stream` and dst is aligned to them.
+// memcpy, with 32-byte (or 16-byte) non-temporal stores when `stream` and dst is aligned to
+// them. (The staged rows of a float32 preprocess, two threads: 4.2-4.4 -> 3.9-4.1 ms with
+// 32-byte stores.)
 inline void copy_run(void* dst, const void* src, int64_t bytes, bool stream) {
   int64_t c = 0;
 #if MSFAST_CPU_AVX2
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    for (; c + 32 <= bytes; c += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(dst) + c),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const char*>(src) + c)));
+  }
   if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
     for (; c + 16 <= bytes; c += 16)
       _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(dst) + c),
@@ -1346,27 +1372,13 @@ struct RowMaker {
     const View& v = tp.v;
     const int64_t* start = tp.th.start.data();
     const int64_t n = tp.tw.out;
-    // 16-bit rows that stream (stages_rows) are blended into `stage`, a run of rows at a time,
-    // and copied out from there with non-temporal stores: the rows of a plane follow each
-    // other in the output. A run is about kStageBytes of whole rows (at least one row), a
-    // multiple of the rows that span whole cache lines where one fits, and runs start at
-    // multiples of it in the plane: then, in a plane that starts on a line (fpn_concat's do),
-    // a run's ends fall on line boundaries, and no line is streamed in two parts. fpn_concat
-    // bfloat16 NCHW out=, two threads, medians over processes alternated four times: whole
-    // planes (6272 bytes) 5.4-6.6 ms, runs of 20 rows (2240 bytes) 4.9-5.3; runs of 18 rows
-    // (2016 bytes, ending mid-line) 5.2-5.6; runs of 8 or fewer rows were slower again. (Short
-    // runs let one run's stores drain while the next is blended; this is what was measured,
-    // not a traced cause.)
+    // 16-bit rows that stream (stages_rows) are blended into `stage`, a run of rows at a time
+    // (staged_run_rows), and copied out from there with non-temporal stores: the rows of a
+    // plane follow each other in the output.
     const bool staged = sizeof(dst_t) == 2 && stream;
     const int64_t row_bytes = d.row * static_cast<int64_t>(sizeof(dst_t));
-    int64_t per_run = 0;  // rows
-    if (staged) {
-      constexpr int64_t kStageBytes = 2560;
-      const int64_t line_rows = 64 / std::gcd<int64_t>(row_bytes, 64);
-      per_run = std::max<int64_t>(1, kStageBytes / row_bytes);
-      if (per_run >= line_rows) per_run -= per_run % line_rows;
-      if (static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
-    }
+    const int64_t per_run = staged ? staged_run_rows(row_bytes) : 0;
+    if (staged && static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
     while (oy < oy_end) {
       // Output rows oy .. e - 1 read source rows lo .. hi (K = 2: start[r] and start[r] + 1).
       // The starts never decrease (JobPlan::rows2), so e is found by bisection and the rows are
@@ -1575,10 +1587,15 @@ void plan_streams(std::vector<JobPlan<acc_t>>& plans, int64_t total_values) {
   }
   // 16-bit NCHW rows are short and do not start on cache lines: only copies stream, as whole
   // runs of rows (the row order's copy), which needs the rows of a plane contiguous, and on
-  // Intel blends staged as runs of rows (run_rows2_nchw; see JobPlan::stream).
+  // Intel blends staged as runs of rows (run_rows2_nchw; see JobPlan::stream). The rows of
+  // other jobs (downscales, antialias, normalization, backwards) stream through a staging
+  // buffer (run_typed), where the rows of a plane are contiguous: in 16-bit types only where
+  // blends are staged too.
   auto can = [](const JobPlan<acc_t>& p) {
     const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl || copies_row_runs(p) || stages_rows(p);
-    return (p.rows2 || p.copy) && rows_ok && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
+    const bool other = !p.rows2 && !p.copy && !p.small && rows_packed(p.dst) &&
+                       (sizeof(dst_t) >= 4 || staged_rows().load());
+    return (((p.rows2 || p.copy) && rows_ok) || other) && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
   };
   bool any = false;
   for (size_t j = 0; j < plans.size(); ++j) {
@@ -1899,6 +1916,7 @@ void run_typed(const std::vector<Job>& jobs) {
   auto share_row = [&](int64_t t) { return row_at(static_cast<int64_t>(total_cost * t / shares)); };
   at::parallel_for(0, plane_major ? shares : chunks, 1, [&](int64_t range_begin, int64_t range_end) {
     std::vector<acc_t> acc(max_acc), small_in(4 * max_small_in);
+    std::vector<dst_t> stage;  // rows of a job that streams through it (see plan_streams)
     std::vector<RowMaker<src_t, acc_t>> makers;
     std::vector<const src_t*> src;
     // Output rows begin .. end - 1 of the call (items, in the row order).
@@ -1967,9 +1985,18 @@ void run_typed(const std::vector<Job>& jobs) {
           plane += n - 1;
           oy = rows_end;
         }
-        for (; oy < rows_end; ++oy, ++item) {
-          fill_rings(p, oy, makers.data(), src.data());
-          job_pixels(p, plane, oy, 0, p.dst.W, makers.data(), src.data(), out + oy * p.dst.row, acc.data());
+        // Rows of other streaming jobs (plan_streams) are computed into `stage`, a run of rows
+        // at a time, and copied out with non-temporal stores.
+        const int64_t per_run = p.stream && !p.rows2 && !p.copy ? staged_run_rows(p.dst.row * sizeof(dst_t)) : 0;
+        if (static_cast<int64_t>(stage.size()) < per_run * p.dst.row) stage.resize(per_run * p.dst.row);
+        while (oy < rows_end) {
+          const int64_t first = oy, last = per_run ? std::min(rows_end, (oy / per_run + 1) * per_run) : rows_end;
+          for (; oy < last; ++oy, ++item) {
+            fill_rings(p, oy, makers.data(), src.data());
+            dst_t* o = per_run ? stage.data() + (oy - first) * p.dst.row : out + oy * p.dst.row;
+            job_pixels(p, plane, oy, 0, p.dst.W, makers.data(), src.data(), o, acc.data());
+          }
+          if (per_run) copy_run(out + first * p.dst.row, stage.data(), (last - first) * p.dst.row * sizeof(dst_t), true);
         }
         // Next segment.
         oy = 0;
