@@ -39,7 +39,7 @@ PYBIND11_MODULE(_C, m) {
         "Testing hook: how many NCHW terms the CPU kernels have run with the row stencil or window");
   m.def("_set_stream_bytes", [](int64_t n) { return msfast::stream_bytes().exchange(n); },
         "Testing hook: CPU calls moving more bytes than this (inputs read and output written) use "
-        "non-temporal stores where every byte of an output can take one (default 32 MiB); returns the "
+        "non-temporal stores where every byte of an output can take one (default 16 MiB); returns the "
         "previous value");
   m.def("_set_staged_rows", [](bool on) { return msfast::staged_rows().exchange(on); },
         "Testing hook: whether 16-bit NCHW blended rows may take non-temporal stores through a staging "

@@ -1,7 +1,7 @@
 """Non-temporal stores and the pixel order of channels_last concats (csrc/cpu/resample_kernels.h,
 JobPlan::stream and run_typed).
 
-A CPU call that moves more than ``msfast._C._set_stream_bytes`` bytes (32 MiB by default, inputs
+A CPU call that moves more than ``msfast._C._set_stream_bytes`` bytes (16 MiB by default, inputs
 and output) writes an output with non-temporal stores when every byte of it can take one: jobs
 of two-tap upscales or copies, every run aligned to one store, 16-bit NCHW rows only when copied
 (as whole runs of rows) or, where ``_set_staged_rows`` allows it (by default on Intel processors),
@@ -287,7 +287,18 @@ def test_stream_threshold_hook_returns_previous():
         assert _ops._C._set_stream_bytes(456) == 123
     finally:
         _ops._C._set_stream_bytes(old)
-    assert old == 32 << 20
+    assert old == 16 << 20
+
+
+def test_default_threshold_is_16MiB(gen):
+    """At the default threshold a call moving 19.7 MB (a float32 [4, 3, 512, 640] image to half
+    size, antialiased) streams, and one moving 1 MB does not."""
+    for shape, expect in [((4, 3, 512, 640), AVX2), ((4, 3, 128, 128), False)]:
+        x = randn(gen, *shape)
+        before = _ops._C._streamed_calls()
+        out = msfast.pyramid(x, [0.5], antialias=True)[0]
+        assert (_ops._C._streamed_calls() > before) == expect, shape
+        torch.testing.assert_close(out, ref_pyramid(x, [0.5], antialias=True)[0], **tol(torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -33,7 +33,7 @@ std::atomic<int64_t>& stencil_terms_planned() {
 }
 
 std::atomic<int64_t>& stream_bytes() {
-  static std::atomic<int64_t> n{int64_t{32} << 20};  // 32 MiB; see JobPlan::stream
+  static std::atomic<int64_t> n{int64_t{16} << 20};  // 16 MiB; see JobPlan::stream
   return n;
 }
 

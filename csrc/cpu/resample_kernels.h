@@ -261,11 +261,23 @@ struct JobPlan {
   //   8.7 -> 6.5 ms). On the AMD EPYC it had before, written straight it was 10-13% slower,
   //   and staged, its 8x part went from 3.7 to 4.4 ms. 16-bit NCHW copies stream as whole
   //   runs of rows everywhere (see plan_streams).
-  // - Only for calls moving more than stream_bytes() (32 MiB, this machine's last-level
-  //   cache) in all, inputs read and output written: below that, plain stores leave the
-  //   output in cache for whatever reads it next. A [1, 0.5, 0.25] pyramid of 32 RGB 224x224
-  //   images (44 MB) then copies its first level with them: 2.2 -> 2.0 ms on two threads,
-  //   4.9 -> 4.0 ms on one.
+  // - The rows of every other job (downscales, antialias, normalization, the backwards) are
+  //   computed into a staging buffer a run of rows at a time and copied out with
+  //   non-temporal stores (run_typed), where the rows of a plane follow each other in the
+  //   output (16-bit ones only where blends are staged). On this project's Intel Xeon, a
+  //   float32 preprocess of 32 images (41 MB), two threads, each call after an eager one as
+  //   in the bench: 4.9-5.6 -> 3.9-4.6 ms; the NCHW float32 pyramid's forward + backward
+  //   6.4 -> 5.7-6.0 ms. In a loop that leaves the output in the last-level cache (480 MiB
+  //   there) the preprocess went from 3.4 to 3.6-3.8 ms instead.
+  // - Only for calls moving more than stream_bytes() (16 MiB) in all, inputs read and output
+  //   written: below that, plain stores leave the output in cache for whatever reads it
+  //   next. A [1, 0.5, 0.25] pyramid of 32 RGB 224x224 images (44 MB) then copies its first
+  //   level with them: 2.2 -> 2.0 ms on two threads, 4.9 -> 4.0 ms on one (the EPYC). The
+  //   line was 32 MiB, the EPYC's last-level cache; on the Intel Xeon the bfloat16 calls of
+  //   that size (a preprocess of 32 images, 23 MB: 4.2-4.75 -> 3.8-4.1 ms after an eager
+  //   call, 3.5-3.8 -> 3.3-3.5 ms in a loop; the pyramid above, 22 MB: 2.3-2.4 -> 2.0-2.2
+  //   ms after an eager call, the same in a loop) were faster streamed, and their float32
+  //   twins already streamed.
   bool stream = false;
 };
 
