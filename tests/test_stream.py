@@ -140,9 +140,9 @@ def test_other_rows_stream_through_the_stage(gen, dtype, channels_last, threads,
     """Rows that are neither blends of two rows nor copies (here antialiased downscales only,
     so nothing else streams) are computed into a staging buffer in runs of rows and streamed
     from there: 512-byte float32 NCHW rows in runs of 5, 1536-byte channels_last rows one at a
-    time, and runs cut where a task's rows end (a [2, 3, 128, 128] level is three tasks). 16-bit
-    rows only where blends are staged too. Bit for bit the plain results, whatever the thread
-    count, and the reference's values."""
+    time, and runs cut where a thread's share of the rows ends (a pyramid's threads split its
+    rows by cost, mid-plane here). 16-bit rows only where blends are staged too. Bit for bit the
+    plain results, whatever the thread count, and the reference's values."""
     x = randn(gen, 2, 3, 256, 256, dtype=dtype, channels_last=channels_last)
     kw = dict(mode="bilinear", antialias=True)
     fast, plain, streamed = _streamed(lambda: msfast.pyramid(x, [0.5, 0.25], **kw), threads=threads)
