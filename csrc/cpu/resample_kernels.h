@@ -255,7 +255,7 @@ struct JobPlan {
   //   and written back again and again (a bfloat16 copy of 112-byte rows went from 0.45 to
   //   7 ms).
   // - 16-bit NCHW blends (rows of 112 bytes in fpn_concat, which do not start on cache
-  //   lines) stream only through a staging buffer (RowMaker::stage), and only on Intel
+  //   lines) stream only through a staging buffer (run_rows2_nchw), and only on Intel
   //   processors (staged_rows()). On this project's Intel Xeon (2026-12) that made
   //   fpn_concat's bfloat16 NCHW forward into out= 25% faster (two threads, medians of 25:
   //   8.7 -> 6.5 ms). On the AMD EPYC it had before, written straight it was 10-13% slower,
@@ -322,6 +322,20 @@ inline int64_t staged_run_rows(int64_t row_bytes) {
   int64_t per_run = std::max<int64_t>(1, kStageBytes / row_bytes);
   if (per_run >= line_rows) per_run -= per_run % line_rows;
   return per_run;
+}
+
+// The end of the staged run of rows that row oy of a plane is in (runs of per_run rows from
+// the plane's first row), cut at `limit`.
+inline int64_t staged_run_end(int64_t oy, int64_t per_run, int64_t limit) {
+  return std::min(limit, (oy / per_run + 1) * per_run);
+}
+
+// A job whose rows are neither two-tap blends, copies nor small planes (downscales,
+// antialias, bicubic, a normalization, the backwards): when it streams, run_typed computes its
+// rows into a staging buffer (see plan_streams).
+template <typename acc_t>
+bool other_rows(const JobPlan<acc_t>& p) {
+  return !p.rows2 && !p.copy && !p.small;
 }
 
 // A two-tap upscale from and into packed NCHW planes (RowMaker::run_rows2_nchw): with 16-bit
@@ -1263,7 +1277,6 @@ struct RowMaker {
   std::vector<acc_t> ring;   // h_first: tp.ring horizontally resampled source rows
   std::vector<int64_t> tag;  // which source row each ring slot holds (-1: none)
   std::vector<acc_t> block;  // run_rows2_nchw: a block of source rows resampled horizontally
-  std::vector<char> stage;   // run_rows2_nchw: 16-bit output rows on their way to streaming stores
 
   // n source rows from `row` on as packed acc_t rows: the rows themselves when they are
   // already (a float NCHW row: copying it cost 8% of fpn_concat's forward), else converted
@@ -1377,9 +1390,9 @@ struct RowMaker {
   // NCHW rows.
   template <typename dst_t>
   void run_rows2(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, int64_t oy_end, dst_t* out,
-                 const View& d, bool stream) {
+                 const View& d, bool stream, std::vector<char>& stage) {
     const View& v = tp.v;
-    if (rows2_nchw_source(v)) return run_rows2_nchw(tp, plane, oy, oy_end, out, d, stream);
+    if (rows2_nchw_source(v)) return run_rows2_nchw(tp, plane, oy, oy_end, out, d, stream, stage);
     while (oy < oy_end) {
       fill_ring(tp, plane, oy);
       const int64_t y0 = tp.th.start[oy];
@@ -1392,10 +1405,10 @@ struct RowMaker {
   // after the other into `block`, and the output rows blend those. The ring's bookkeeping per
   // source row (a tag test and a short row's widening each) cost as much as the horizontal
   // pass for fpn_concat's 2x and 4x NCHW parts. The same operations on the same values as
-  // the ring, so the same results.
+  // the ring, so the same results. stage: the task's staging buffer (see below).
   template <typename dst_t>
   void run_rows2_nchw(const TermPlan<acc_t>& tp, const src_t* plane, int64_t oy, int64_t oy_end, dst_t* out,
-                      const View& d, bool stream) {
+                      const View& d, bool stream, std::vector<char>& stage) {
     constexpr int64_t kRows2Block = 32;
     const View& v = tp.v;
     const int64_t* start = tp.th.start.data();
@@ -1437,7 +1450,7 @@ struct RowMaker {
       if (staged) {
         dst_t* rows_out = reinterpret_cast<dst_t*>(stage.data());
         while (oy < e) {
-          const int64_t first = oy, last = std::min(e, (oy / per_run + 1) * per_run);
+          const int64_t first = oy, last = staged_run_end(oy, per_run, e);
           while (oy < last) {
             const acc_t* a = block.data() + (start[oy] - lo) * n;
             oy = blend_rows2(tp, a, a + n, oy, last, rows_out, d, false, first, safe);
@@ -1621,8 +1634,7 @@ void plan_streams(std::vector<JobPlan<acc_t>>& plans, int64_t total_values) {
   // blends are staged too.
   auto can = [](const JobPlan<acc_t>& p) {
     const bool rows_ok = sizeof(dst_t) >= 4 || p.dst.cl || copies_row_runs(p) || stages_rows(p);
-    const bool other = !p.rows2 && !p.copy && !p.small && rows_packed(p.dst) &&
-                       (sizeof(dst_t) >= 4 || staged_rows().load());
+    const bool other = other_rows(p) && rows_packed(p.dst) && (sizeof(dst_t) >= 4 || staged_rows().load());
     return (((p.rows2 || p.copy) && rows_ok) || other) && runs_aligned(p.dst, sizeof(dst_t), 8 * sizeof(dst_t));
   };
   bool any = false;
@@ -1944,7 +1956,9 @@ void run_typed(const std::vector<Job>& jobs) {
   auto share_row = [&](int64_t t) { return row_at(static_cast<int64_t>(total_cost * t / shares)); };
   at::parallel_for(0, plane_major ? shares : chunks, 1, [&](int64_t range_begin, int64_t range_end) {
     std::vector<acc_t> acc(max_acc), small_in(4 * max_small_in);
-    std::vector<dst_t> stage;  // rows of a job that streams through it (see plan_streams)
+    // Rows on their way to non-temporal stores: staged 16-bit blends (run_rows2_nchw) and the
+    // rows of other jobs (below).
+    std::vector<char> stage;
     std::vector<RowMaker<src_t, acc_t>> makers;
     std::vector<const src_t*> src;
     // Output rows begin .. end - 1 of the call (items, in the row order).
@@ -1992,7 +2006,7 @@ void run_typed(const std::vector<Job>& jobs) {
           }
           if (plane != first) out = start_plane(p, plane, makers.data(), src.data());
         } else if (p.rows2) {
-          makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst, p.stream);
+          makers[0].run_rows2(p.terms[0], src[0], oy, rows_end, out, p.dst, p.stream, stage);
           item += rows_end - oy;
           oy = rows_end;
         } else if (copies_row_runs(p)) {  // the rows in one go
@@ -2015,16 +2029,18 @@ void run_typed(const std::vector<Job>& jobs) {
         }
         // Rows of other streaming jobs (plan_streams) are computed into `stage`, a run of rows
         // at a time, and copied out with non-temporal stores.
-        const int64_t per_run = p.stream && !p.rows2 && !p.copy ? staged_run_rows(p.dst.row * sizeof(dst_t)) : 0;
-        if (static_cast<int64_t>(stage.size()) < per_run * p.dst.row) stage.resize(per_run * p.dst.row);
+        const int64_t row_bytes = p.dst.row * static_cast<int64_t>(sizeof(dst_t));
+        const int64_t per_run = p.stream && other_rows(p) ? staged_run_rows(row_bytes) : 0;
+        if (static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
+        dst_t* const rows_out = reinterpret_cast<dst_t*>(stage.data());
         while (oy < rows_end) {
-          const int64_t first = oy, last = per_run ? std::min(rows_end, (oy / per_run + 1) * per_run) : rows_end;
+          const int64_t first = oy, last = per_run ? staged_run_end(oy, per_run, rows_end) : rows_end;
           for (; oy < last; ++oy, ++item) {
             fill_rings(p, oy, makers.data(), src.data());
-            dst_t* o = per_run ? stage.data() + (oy - first) * p.dst.row : out + oy * p.dst.row;
+            dst_t* o = per_run ? rows_out + (oy - first) * p.dst.row : out + oy * p.dst.row;
             job_pixels(p, plane, oy, 0, p.dst.W, makers.data(), src.data(), o, acc.data());
           }
-          if (per_run) copy_run(out + first * p.dst.row, stage.data(), (last - first) * p.dst.row * sizeof(dst_t), true);
+          if (per_run) copy_run(out + first * p.dst.row, rows_out, (last - first) * row_bytes, true);
         }
         // Next segment.
         oy = 0;
