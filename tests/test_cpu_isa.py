@@ -41,6 +41,14 @@ cl16 = [torch.randn(2, c, s, s, generator=g).contiguous(memory_format=torch.chan
         for c, s in [(16, 7), (32, 14)]]
 out["cat_bf16_cl"] = msfast.upsample_concat([f.bfloat16() for f in cl16], (28, 28))
 out["cat_bf16_cl_tiny"] = msfast.upsample_concat([(f * 2e-38).bfloat16() for f in cl16], (28, 28))
+# channels_last bfloat16 blends, streamed: 48-channel slices on cache lines (64-byte stores, 32
+# for the last 16 values), a 16-channel slice off them, 29 rows (blocks of 8 cut short)
+old_stream = msfast._ops._C._set_stream_bytes(0)
+cl48 = [torch.randn(2, c, h, w, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+        for c, h, w in [(48, 4, 5), (16, 15, 20), (32, 29, 38)]]
+out["cat_bf16_cl_stream"] = msfast.upsample_concat(cl48, (29, 38))
+out["cat_bf16_cl_stream_tiny"] = msfast.upsample_concat([f * 2e-38 for f in cl48], (29, 38))
+msfast._ops._C._set_stream_bytes(old_stream)
 for cl in (False, True):
     u = u8.contiguous(memory_format=torch.channels_last) if cl else u8.contiguous()
     out[f"pre_bf16_{cl}"] = msfast.pyramid(u, [1, 0.75, 0.5], mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25],

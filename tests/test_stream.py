@@ -275,6 +275,20 @@ def test_channels_last_concat_pixel_order(gen, dtype, mode):
     torch.testing.assert_close(out, ref_upsample_concat(feats, (12, 10), mode=mode), **tol(dtype, upscale=True))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_bfloat16_blends_stream_by_blocks_of_rows(gen, threads):
+    """The pixel order takes output rows 8 at a time, and writes the rows of an upscale that blend
+    the same two source rows together: with 64-byte stores where a slice starts on a cache line
+    (32-byte ones for the last 16 of 48 channels), row by row where it does not (16 channels after
+    48). 29 rows end the last block early, and a task's rows need not start a block."""
+    spec = [(48, 4, 5), (16, 15, 20), (32, 29, 38)]
+    feats = [randn(gen, 3, c, h, w, dtype=torch.bfloat16, channels_last=True) for c, h, w in spec]
+    fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, (29, 38)), threads)
+    assert streamed
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, ref_upsample_concat(feats, (29, 38)), **tol(torch.bfloat16, upscale=True))
+
+
 def test_channels_last_concat_pixel_order_backward(gen):
     feats = [randn(gen, 1, c, s, s + 1, dtype=torch.float64, channels_last=True, requires_grad=True)
              for c, s in [(16, 3), (16, 2), (16, 5)]]
