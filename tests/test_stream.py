@@ -289,6 +289,18 @@ def test_channels_last_bfloat16_blends_stream_by_blocks_of_rows(gen, threads):
     torch.testing.assert_close(fast, ref_upsample_concat(feats, (29, 38)), **tol(torch.bfloat16, upscale=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_concat_pixel_order_large_rings(gen, dtype):
+    """A downscale of 128 channels (16x down, 2x across) next to an upscale: the rings that would
+    hold 8 output rows' source rows (128 rows of 16 pixels, 1 MiB, and the upscale's) pass the
+    1 MiB the pixel order allows, so it takes 4 rows at a time, with rings of 64 rows. (With
+    rings of 32 rows, as for 2 rows at a time, the results are wrong.)"""
+    feats = [randn(gen, 2, 128, 256, 32, dtype=dtype, channels_last=True),
+             randn(gen, 2, 16, 4, 4, dtype=dtype, channels_last=True)]
+    out = msfast.upsample_concat(feats, (16, 16))
+    torch.testing.assert_close(out, ref_upsample_concat(feats, (16, 16)), **tol(dtype, upscale=True))
+
+
 def test_channels_last_concat_pixel_order_backward(gen):
     feats = [randn(gen, 1, c, s, s + 1, dtype=torch.float64, channels_last=True, requires_grad=True)
              for c, s in [(16, 3), (16, 2), (16, 5)]]
