@@ -601,7 +601,9 @@ MSFAST_INLINE void blend2_avx2(const float* a, const float* b, int64_t len, floa
 // writes NaNs of its own, so a row's chunk that is subnormal anywhere, or whose inputs are not
 // finite, is written by the scalar path instead; unless kSafe, where the caller has checked
 // that neither can happen (blend_inputs_safe). The last chunk of a row is masked: no scalar
-// tail. (On 256-bit vectors: 3-5% slower.)
+// tail. (On 256-bit vectors: 3-5% slower.) kNt: non-temporal stores, where the caller has
+// checked that every row starts on a cache line and len is a multiple of 16 (64-byte stores,
+// and a 32-byte one for a last 16 values; see blend2_group).
 template <bool kSafe, bool kNt = false>
 MSFAST_AVX512BF16 void blend2_rows_bf16_512(
     const float* a, const float* b, int64_t len, const float* w, int64_t n, at::BFloat16* o, int64_t stride) {
