@@ -250,7 +250,7 @@ struct JobPlan {
   std::vector<acc_t> scale, shift;
   bool direct = false;  // dst is acc_t with no affine: rows are computed in place
   // One two-tap h_first term whose starts never decrease (an upscale's), no affine:
-  // RowMaker::run_rows2 or blend2 writes dst.
+  // RowMaker::run_rows2 or blend2_rows writes dst.
   bool rows2 = false;
   // One identity term (a scale 1 level, a feature already at the concat's size), no affine,
   // source and destination of one type: rows are copied. (A bfloat16 row would otherwise
@@ -1381,18 +1381,6 @@ struct RowMaker {
     }
   }
 
-  // A lone two-tap h_first term (a bilinear upscale) with no affine: ro.W pixels of output
-  // row oy from pixel x0, written straight into the destination, of any type (a bfloat16
-  // row then needs no separate conversion pass over an acc_t row). The ring must be filled.
-  template <typename dst_t>
-  MSFAST_INLINE void blend2(const TermPlan<acc_t>& tp, int64_t oy, int64_t x0, dst_t* out, const Row& ro,
-                            bool stream) const {
-    const int64_t y0 = tp.th.start[oy];
-    const acc_t* w = tp.th.w.data() + 2 * oy;
-    axpy2<false>(ring_row(tp, y0, x0), ring_row(tp, y0 + 1, x0), packed_row(ro.W, tp.v.cp), w[0], w[1], out, ro,
-                 stream);
-  }
-
   // Source row y resampled horizontally, from pixel x0 (h_first).
   const acc_t* ring_row(const TermPlan<acc_t>& tp, int64_t y, int64_t x0) const {
     return ring.data() + ((y & (tp.ring - 1)) * tp.tw.out + x0) * tp.v.cp;
@@ -1437,7 +1425,7 @@ struct RowMaker {
     tag[slot] = y;
   }
 
-  // Output rows oy .. oy_end - 1 of a lone two-tap h_first term, no affine (see blend2).
+  // Output rows oy .. oy_end - 1 of a lone two-tap h_first term, no affine (see blend2_rows).
   // Rows that read the same two source rows (8 in a row for an 8x upscale) share one ring
   // update: a ring update per row cost as much as the row itself for fpn_concat's 56-value
   // NCHW rows.
@@ -1534,9 +1522,11 @@ struct RowMaker {
     return e;
   }
 
-  // Rows oy .. oy + n - 1 of a lone two-tap h_first term (see blend2), ro.W pixels from x0,
-  // row oy + i at out + i * stride; the rings must hold their source rows. The rows that
-  // blend the same two ring rows are written together (blend2_group).
+  // A lone two-tap h_first term (a bilinear upscale) with no affine: ro.W pixels from x0 of
+  // output rows oy .. oy + n - 1, row oy + i at out + i * stride, written straight into the
+  // destination, of any type (a bfloat16 row then needs no separate conversion pass over an
+  // acc_t row). The rings must hold their source rows. The rows that blend the same two ring
+  // rows are written together (blend2_group).
   template <typename dst_t>
   MSFAST_INLINE void blend2_rows(const TermPlan<acc_t>& tp, int64_t oy, int64_t n, int64_t x0, dst_t* out,
                                  const Row& ro, int64_t stride, bool stream) const {
@@ -1820,25 +1810,30 @@ void run_typed(const std::vector<Job>& jobs) {
     for (size_t t = 0; t < p.terms.size(); ++t)
       if (p.terms[t].h_first) mk[t].fill_ring(p.terms[t], src[t], oy);
   };
-  // Pixels x0 .. x0 + nx - 1 of output row oy of job p (`row`: that row), its rings filled.
+  // Pixels x0 .. x0 + nx - 1 of output rows oy .. oy + rows - 1 of job p (`row`: row oy, the
+  // others p.dst.row apart), their rings filled. A two-tap upscale's rows go together
+  // (RowMaker::blend2_rows), the others one at a time.
   auto job_pixels = [](const JobPlan<acc_t>& p, int64_t plane, int64_t oy, int64_t x0, int64_t nx,
-                       RowMaker<src_t, acc_t>* mk, const src_t* const* src, dst_t* row, acc_t* acc) {
+                       RowMaker<src_t, acc_t>* mk, const src_t* const* src, dst_t* row, acc_t* acc,
+                       int64_t rows = 1) {
     const Row ro{nx, p.dst.cp, p.dst.px};
     dst_t* o = row + x0 * p.dst.px;
-    if (p.copy) {
-      const View& v = p.terms[0].v;
-      const src_t* s = src[0] + oy * v.row + x0 * v.px;
-      for_runs(Row{nx, v.cp, v.px}, ro, [&](int64_t so, int64_t dof, int64_t len) {
-        copy_run(o + dof, s + so, len * sizeof(dst_t), p.stream);
-      });
-      return;
+    if (p.rows2) return mk[0].blend2_rows(p.terms[0], oy, rows, x0, o, ro, p.dst.row, p.stream);
+    for (int64_t y = oy; y < oy + rows; ++y, o += p.dst.row) {
+      if (p.copy) {
+        const View& v = p.terms[0].v;
+        const src_t* s = src[0] + y * v.row + x0 * v.px;
+        for_runs(Row{nx, v.cp, v.px}, ro, [&](int64_t so, int64_t dof, int64_t len) {
+          copy_run(o + dof, s + so, len * sizeof(dst_t), p.stream);
+        });
+        continue;
+      }
+      // When the row needs no conversion, accumulate straight into the output.
+      acc_t* a = p.direct ? reinterpret_cast<acc_t*>(o) : acc;
+      const Row ra = p.direct ? ro : packed_row(nx, p.dst.cp);
+      for (size_t t = 0; t < p.terms.size(); ++t) mk[t].pixels(p.terms[t], src[t], y, x0, t > 0, a, ra);
+      if (!p.direct) write_row(o, ro, plane % p.dst.pdiv, a, p);
     }
-    if (p.rows2) return mk[0].blend2(p.terms[0], oy, x0, o, ro, p.stream);
-    // When the row needs no conversion, accumulate straight into the output.
-    acc_t* a = p.direct ? reinterpret_cast<acc_t*>(o) : acc;
-    const Row ra = p.direct ? ro : packed_row(nx, p.dst.cp);
-    for (size_t t = 0; t < p.terms.size(); ++t) mk[t].pixels(p.terms[t], src[t], oy, x0, t > 0, a, ra);
-    if (!p.direct) write_row(o, ro, plane % p.dst.pdiv, a, p);
   };
   auto grain_of = [&](int64_t n) {
     // About 32K output values per task: enough to amortize the scheduling, small enough to
@@ -1944,14 +1939,15 @@ void run_typed(const std::vector<Job>& jobs) {
     // ring grows with G by the source rows each output row steps over); fpn_concat's take
     // 0.9 MB at G = 8, against 0.4 MB row by row.
     constexpr int64_t kPixelRows = 8, kPixelRings = int64_t{1} << 20;
-    int64_t G = kPixelRows;
-    for (; G > 1; G /= 2) {
+    auto ring_bytes = [&](int64_t g) {
       int64_t bytes = 0;
       for (const auto& p : plans)
         for (const auto& tp : p.terms)
-          if (tp.h_first) bytes += ring_rows(tp, G) * tp.tw.out * tp.v.cp * static_cast<int64_t>(sizeof(acc_t));
-      if (bytes <= kPixelRings) break;
-    }
+          if (tp.h_first) bytes += ring_rows(tp, g) * tp.tw.out * tp.v.cp * static_cast<int64_t>(sizeof(acc_t));
+      return bytes;
+    };
+    int64_t G = kPixelRows;
+    while (G > 1 && ring_bytes(G) > kPixelRings) G /= 2;
     for (auto& p : plans)
       for (auto& tp : p.terms)
         if (tp.h_first) tp.ring = std::max(tp.ring, ring_rows(tp, G));
@@ -1971,17 +1967,9 @@ void run_typed(const std::vector<Job>& jobs) {
           for (int64_t i = 0; i < g; ++i) fill_rings(plans[j], oy + i, mk[j].data(), src[j].data());
         }
         for (int64_t x = 0; x < W; ++x)
-          for (int64_t j = 0; j < J; ++j) {
-            const JobPlan<acc_t>& p = plans[j];
-            dst_t* o = out[j] + oy * p.dst.row;
-            if (p.rows2) {
-              mk[j][0].blend2_rows(p.terms[0], oy, g, x, o + x * p.dst.px, Row{1, p.dst.cp, p.dst.px}, p.dst.row,
-                                   p.stream);
-              continue;
-            }
-            for (int64_t i = 0; i < g; ++i)
-              job_pixels(p, plane, oy + i, x, 1, mk[j].data(), src[j].data(), o + i * p.dst.row, acc.data());
-          }
+          for (int64_t j = 0; j < J; ++j)
+            job_pixels(plans[j], plane, oy, x, 1, mk[j].data(), src[j].data(), out[j] + oy * plans[j].dst.row,
+                       acc.data(), g);
         r += g;
       }
       fence();
