@@ -78,10 +78,12 @@ def settled():
 for _ in range(100):  # warm-up: allocator pools, autograd and dispatcher caches
     step()
 before, n_before = settled(), tensors()
-for _ in range(1000):
-    step()
-after, n_after = settled(), tensors()
-print(json.dumps({"before": before, "after": after, "tensors_before": n_before, "tensors_after": n_after}))
+after = []
+for _ in range(2):
+    for _ in range(1000):
+        step()
+    after.append(settled())
+print(json.dumps({"before": before, "after": after, "tensors_before": n_before, "tensors_after": tensors()}))
 """
 
 
@@ -93,10 +95,13 @@ def test_no_memory_growth_over_1000_calls(device):
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    growth = r["after"] - r["before"]
+    # Two readings, after 1,000 and 2,000 calls: a leak grows both (the second twice as much),
+    # while now and then RSS reads 2-4 MiB high (or low) for a while, in one reading: 1 run in
+    # 10-20 on this project's machine, before and after the CPU kernels of 2026-12-07.
+    growth = min(r["after"]) - r["before"]
     # A leak of 2 KiB per call (a plan's tables, the smallest level's 7.5 KB) would break the bound;
     # of any gradient or of the large outputs, hundreds of MiB to gigabytes. On CUDA the allocator
     # counts live blocks of 512 bytes and more, so 1,000 leaked blocks are at least 500 KiB.
     limit = 2 << 20 if device == "cpu" else 256 << 10
-    assert growth <= limit, f"grew by {growth / 2**20:.1f} MiB over 1000 calls: {r}"
+    assert growth <= limit, f"grew by {growth / 2**20:.1f} MiB over 1000 and 2000 calls (the least): {r}"
     assert r["tensors_after"] == r["tensors_before"], r
