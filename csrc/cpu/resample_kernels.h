@@ -2247,6 +2247,19 @@ void run_typed(const std::vector<Job>& jobs) {
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), (items + grain - 1) / grain);
   const __int128 total_cost = static_cast<__int128>(plane_cost) * plans[0].dst.planes;
   auto share_row = [&](int64_t t) { return row_at(static_cast<int64_t>(total_cost * t / shares)); };
+  // Plane-major calls whose first job copies its plane (a pyramid's scale-1 level): that copy
+  // reads the plane from memory while the other jobs' rows, which read it from L2, wait on
+  // nothing but arithmetic. So each of their rows prefetches a share of the next plane's lines
+  // into L2. The NCHW float32 pyramid forward (32 images, two threads, each call after an
+  // eager one, processes alternated with and without): 2.17 -> 2.03, 2.25 -> 2.13 ms;
+  // channels_last 2.47 -> 2.38; bfloat16 the same (1.86-1.93 ms), its levels bound by work.
+  int64_t ahead_lines = 0, plane_lines = 0;  // per row of the other jobs; of a plane
+  if (plane_major && plans[0].copy) {
+    const View& v = plans[0].terms[0].v;
+    plane_lines = (v.H * v.row * static_cast<int64_t>(sizeof(src_t)) + 63) / 64;
+    const int64_t other = first_row.back() - first_row[1];
+    if (other > 0 && v.s_inner == v.H * v.row) ahead_lines = (plane_lines + other - 1) / other;
+  }
   at::parallel_for(0, plane_major ? shares : chunks, 1, [&](int64_t range_begin, int64_t range_end) {
     std::vector<acc_t> acc(max_acc), small_in(4 * max_small_in);
     // Rows on their way to non-temporal stores: staged 16-bit blends (run_rows2_nchw) and the
@@ -2330,6 +2343,13 @@ void run_typed(const std::vector<Job>& jobs) {
           const int64_t first = oy, last = per_run ? staged_run_end(oy, per_run, rows_end) : rows_end;
           for (int64_t n; oy < last; oy += n, item += n) {
             n = std::min(p.write_rows, last - oy);
+            if (ahead_lines > 0 && plane + 1 < plans[0].dst.planes) {
+              const int64_t r = first_row[j] - first_row[1] + oy;
+              const char* next = static_cast<const char*>(plans[0].terms[0].v.data) +
+                                 plans[0].terms[0].v.plane_offset(plane + 1) * static_cast<int64_t>(sizeof(src_t));
+              for (int64_t l = r * ahead_lines; l < std::min((r + n) * ahead_lines, plane_lines); ++l)
+                __builtin_prefetch(next + 64 * l, 0, 2);
+            }
             fill_rings(p, oy, makers.data(), src.data());  // (write_rows > 1: none)
             dst_t* o = per_run ? rows_out + (oy - first) * p.dst.row : out + oy * p.dst.row;
             job_pixels(p, plane, oy, 0, p.dst.W, makers.data(), src.data(), o, acc.data(), n);
