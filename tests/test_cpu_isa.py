@@ -2,7 +2,8 @@
 
 msfast compiles its CPU kernels twice (baseline and AVX2 + FMA) and picks one at run time:
 "base", "avx2", or "avx512bf16" (the AVX2 build whose bfloat16 blends round with AVX-512
-BF16, and whose vertical pass and 1/2 and 1/4 downscale stencils run on 512-bit vectors). The rest of the suite runs the picked one. Here a subprocess forced to another
+BF16, and whose vertical pass and 1/2 and 1/4 downscale stencils run on 512-bit vectors).
+The rest of the suite runs the picked one. Here a subprocess forced to another
 (MSFAST_CPU_ISA=base or avx2) computes a set of cases, and the results must match: to
 rounding for the baseline build, bit for bit between avx2 and avx512bf16.
 """
