@@ -906,6 +906,18 @@ MSFAST_AVX512BF16 inline __attribute__((always_inline)) __m512 load16(const src_
   }
 }
 
+// o[i] (+)= v[i] for the 16 lanes (kFull) or those of mask k.
+template <bool kAdd, bool kFull>
+MSFAST_AVX512BF16 inline __attribute__((always_inline)) void put16(float* o, __m512 v, __mmask16 k) {
+  if constexpr (kFull) {
+    if (kAdd) v = _mm512_add_ps(_mm512_loadu_ps(o), v);
+    _mm512_storeu_ps(o, v);
+  } else {
+    if (kAdd) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
+    _mm512_mask_storeu_ps(o, k, v);
+  }
+}
+
 // taps_run's float loop on 512-bit vectors, where the processor has AVX-512 (cpu_isa()
 // "avx512bf16"): per value the same multiply, then multiply-adds in the same order, so the same
 // results as the 256-bit loop with half the instructions; the last step is masked. A bfloat16
@@ -918,15 +930,6 @@ MSFAST_AVX512BF16 inline __attribute__((always_inline)) __m512 load16(const src_
 template <bool kAdd, typename src_t>
 MSFAST_AVX512BF16 void taps_run_512(const src_t* s, int64_t stride, const float* w, int64_t K, float* o, int64_t len) {
   int64_t c = 0;
-  auto put = [&](int64_t at, __m512 v, auto full, __mmask16 k) __attribute__((always_inline)) {
-    if constexpr (decltype(full)::value) {
-      if (kAdd) v = _mm512_add_ps(_mm512_loadu_ps(o + at), v);
-      _mm512_storeu_ps(o + at, v);
-    } else {
-      if (kAdd) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o + at), v);
-      _mm512_mask_storeu_ps(o + at, k, v);
-    }
-  };
   if constexpr (std::is_same_v<src_t, at::BFloat16>) {
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -956,8 +959,8 @@ MSFAST_AVX512BF16 void taps_run_512(const src_t* s, int64_t stride, const float*
         }
       }
       for (int i = 0; i < N; ++i) {
-        put(c + 32 * i, _mm512_permutex2var_ps(e[i], lo_idx, d[i]), std::true_type{}, 0xFFFF);
-        put(c + 32 * i + 16, _mm512_permutex2var_ps(e[i], hi_idx, d[i]), std::true_type{}, 0xFFFF);
+        put16<kAdd, true>(o + c + 32 * i, _mm512_permutex2var_ps(e[i], lo_idx, d[i]), 0xFFFF);
+        put16<kAdd, true>(o + c + 32 * i + 16, _mm512_permutex2var_ps(e[i], hi_idx, d[i]), 0xFFFF);
       }
       c += 32 * N;
     };
@@ -975,7 +978,7 @@ MSFAST_AVX512BF16 void taps_run_512(const src_t* s, int64_t stride, const float*
       const __m512 wk = _mm512_set1_ps(w[k]);
       for (int i = 0; i < N; ++i) a[i] = _mm512_fmadd_ps(wk, load16<kFull>(s + k * stride + c + 16 * i, m), a[i]);
     }
-    for (int i = 0; i < N; ++i) put(c + 16 * i, a[i], full, m);
+    for (int i = 0; i < N; ++i) put16<kAdd, kFull>(o + c + 16 * i, a[i], m);
     c += 16 * N;
   };
   using Full = std::true_type;
@@ -1268,13 +1271,7 @@ MSFAST_AVX512BF16 void stencil_row_512(const float* __restrict__ tmp, const Sten
         v = k == 0 ? _mm512_mul_ps(wk, ph[j]) : _mm512_fmadd_ps(wk, ph[j], v);
       }
     }
-    if (m == 16) {
-      if (kAdd) v = _mm512_add_ps(_mm512_loadu_ps(o + q), v);
-      _mm512_storeu_ps(o + q, v);
-    } else {
-      if (kAdd) v = _mm512_add_ps(_mm512_maskz_loadu_ps(km, o + q), v);
-      _mm512_mask_storeu_ps(o + q, km, v);
-    }
+    m == 16 ? put16<kAdd, true>(o + q, v, km) : put16<kAdd, false>(o + q, v, km);
   }
 }
 #endif
@@ -1712,6 +1709,14 @@ struct RowMaker {
     }
   }
 
+  // The first output row after oy, before oy_end, that reads other source rows than oy.
+  static int64_t same_rows_end(const TermPlan<acc_t>& tp, int64_t oy, int64_t oy_end) {
+    const int64_t* start = tp.th.start.data();
+    int64_t e = oy + 1;
+    while (e < oy_end && start[e] == start[oy]) ++e;
+    return e;
+  }
+
   // Output rows from oy on that read source rows start[oy] and start[oy] + 1 (resampled
   // horizontally: a, b), before oy_end; returns the first row after them. Row y goes to
   // out + (y - out_row0) * d.row. safe: see blend2_rows16.
@@ -1719,9 +1724,7 @@ struct RowMaker {
   MSFAST_INLINE int64_t blend_rows2(const TermPlan<acc_t>& tp, const acc_t* a, const acc_t* b, int64_t oy,
                                     int64_t oy_end, dst_t* out, const View& d, bool stream,
                                     int64_t out_row0 = 0, bool safe = false) const {
-    const int64_t* start = tp.th.start.data();
-    int64_t e = oy + 1;
-    while (e < oy_end && start[e] == start[oy]) ++e;
+    const int64_t e = same_rows_end(tp, oy, oy_end);
     blend2_group(a, b, packed_row(d.W, tp.v.cp), tp.th.w.data() + 2 * oy, e - oy, out + (oy - out_row0) * d.row,
                  row_of(d), d.row, stream, safe);
     return e;
@@ -1735,11 +1738,8 @@ struct RowMaker {
   template <typename dst_t>
   MSFAST_INLINE void blend2_rows(const TermPlan<acc_t>& tp, int64_t oy, int64_t n, int64_t x0, dst_t* out,
                                  const Row& ro, int64_t stride, bool stream) const {
-    const int64_t* start = tp.th.start.data();
     for (int64_t i = 0; i < n;) {
-      const int64_t y0 = start[oy + i];
-      int64_t e = i + 1;
-      while (e < n && start[oy + e] == y0) ++e;
+      const int64_t y0 = tp.th.start[oy + i], e = same_rows_end(tp, oy + i, oy + n) - oy;
       blend2_group(ring_row(tp, y0, x0), ring_row(tp, y0 + 1, x0), packed_row(ro.W, tp.v.cp),
                    tp.th.w.data() + 2 * (oy + i), e - i, out + i * stride, ro, stride, stream);
       i = e;
@@ -1984,8 +1984,7 @@ void run_typed(const std::vector<Job>& jobs) {
               std::is_sorted(p.terms[0].th.start.begin(), p.terms[0].th.start.end());
     bool rings = false;
     for (const auto& tp : p.terms) rings = rings || tp.h_first;
-    if (!p.direct && !p.copy && !p.small && !p.rows2 && !rings && !p.dst.cl && p.dst.cp == 1 && p.dst.px == 1 &&
-        p.dst.row == p.dst.W)
+    if (!p.direct && !p.copy && !p.small && !rings && !p.dst.cl && rows_packed(p.dst))
       p.write_rows = std::max<int64_t>(1, kWriteBlock / std::max<int64_t>(p.dst.W, 1));
     max_acc = std::max(max_acc, p.write_rows * p.dst.W * p.dst.cp);
     if (p.small) {
@@ -2339,14 +2338,17 @@ void run_typed(const std::vector<Job>& jobs) {
         const int64_t per_run = p.stream && other_rows(p) ? staged_run_rows(row_bytes) : 0;
         if (static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
         dst_t* const rows_out = reinterpret_cast<dst_t*>(stage.data());
+        // The next plane's source, which these rows prefetch (ahead_lines).
+        const char* next = ahead_lines > 0 && plane + 1 < plans[0].dst.planes
+                               ? static_cast<const char*>(plans[0].terms[0].v.data) +
+                                     plans[0].terms[0].v.plane_offset(plane + 1) * static_cast<int64_t>(sizeof(src_t))
+                               : nullptr;
         while (oy < rows_end) {
           const int64_t first = oy, last = per_run ? staged_run_end(oy, per_run, rows_end) : rows_end;
           for (int64_t n; oy < last; oy += n, item += n) {
             n = std::min(p.write_rows, last - oy);
-            if (ahead_lines > 0 && plane + 1 < plans[0].dst.planes) {
+            if (next) {
               const int64_t r = first_row[j] - first_row[1] + oy;
-              const char* next = static_cast<const char*>(plans[0].terms[0].v.data) +
-                                 plans[0].terms[0].v.plane_offset(plane + 1) * static_cast<int64_t>(sizeof(src_t));
               for (int64_t l = r * ahead_lines; l < std::min((r + n) * ahead_lines, plane_lines); ++l)
                 __builtin_prefetch(next + 64 * l, 0, 2);
             }
