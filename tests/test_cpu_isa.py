@@ -37,8 +37,8 @@ out["cat_bf16"] = msfast.upsample_concat([f.bfloat16() for f in feats], (14, 14)
 out["cat_bf16_tiny"] = msfast.upsample_concat([(f * 2e-38).bfloat16() for f in feats], (14, 14))
 big = [torch.randn(2, c, s, s, generator=g).bfloat16() for c, s in [(8, 7), (4, 14), (2, 3)]]
 out["cat_bf16_8x"] = msfast.upsample_concat(big, (56, 56))
-# window_rows on 512-bit vectors (16-output groups, then 8-output ones) in float32, and sums
-# added (a pyramid's backward: several levels' adjoints into one gradient)
+# float32 NCHW upscales (window_rows), and sums added (a pyramid's backward: several levels'
+# adjoints into one gradient)
 out["cat_8x"] = msfast.upsample_concat([b.float() for b in big], (56, 56))
 xw = torch.randn(2, 3, 40, 48, generator=g, dtype=torch.float64).float().requires_grad_()
 for lv in msfast.pyramid(xw, [2.0, 4.0, 0.5]):
