@@ -56,6 +56,12 @@ cl48 = [torch.randn(2, c, h, w, generator=g).bfloat16().contiguous(memory_format
         for c, h, w in [(48, 4, 5), (16, 15, 20), (32, 29, 38)]]
 out["cat_bf16_cl_stream"] = msfast.upsample_concat(cl48, (29, 38))
 out["cat_bf16_cl_stream_tiny"] = msfast.upsample_concat([f * 2e-38 for f in cl48], (29, 38))
+# bfloat16 NCHW blends, streamed: on AVX-512 straight to the output as flat runs of whole cache
+# lines (rows of 40 and 24 values, 40 source rows, an out= 8 values off a line)
+nchw = [torch.randn(2, c, h, w, generator=g).bfloat16() for c, h, w in [(3, 40, 15), (2, 7, 7), (4, 13, 9)]]
+flat = torch.empty(2 * 9 * 90 * 40 + 8, dtype=torch.bfloat16)
+out["cat_bf16_stream"] = msfast.upsample_concat(nchw, (90, 40), out=flat[8:].view(2, 9, 90, 40))
+out["cat_bf16_stream_24"] = msfast.upsample_concat(nchw, (90, 24))
 msfast._ops._C._set_stream_bytes(old_stream)
 # the vertical pass on 512-bit vectors (taps_run_512): rows of 101 values (a 64-value group,
 # a 32-value one, a masked 5), 150 (two groups, a 16-value step, a masked 6) and channels_last

@@ -5,7 +5,8 @@ A CPU call that moves more than ``msfast._C._set_stream_bytes`` bytes (16 MiB by
 and output) writes an output with non-temporal stores when every byte of it can take one: jobs
 of two-tap upscales or copies, every run aligned to one store, 16-bit NCHW rows only when copied
 (as whole runs of rows) or, where ``_set_staged_rows`` allows it (by default on Intel processors),
-blended through a staging buffer, and no job that cannot stream writing into the same tensor. Here
+blended through a staging buffer (bfloat16 with AVX-512 BF16: straight to the output, as flat runs
+of whole cache lines), and no job that cannot stream writing into the same tensor. Here
 the threshold is lowered to 0 so small inputs take that path; ``_streamed_calls`` says whether they
 did. The stores hold the same values as plain ones, so streamed results must equal the plain
 results bit for bit, and the reference. Both settings of the staging are tested on every machine.
@@ -20,6 +21,7 @@ the one computed image by image (the row order), and the reference's.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -209,7 +211,8 @@ def test_staged_rows_any_split(gen, dtype, threads):
     """16-bit NCHW upscales staged and streamed: runs of rows end where a task's rows end,
     mid-plane and mid-line (a [2, 24, 40, 40] output is split into tasks of about 32K values,
     and 80-byte rows), with 2x, 4x and 8x blocks of rows and a copied feature beside them;
-    the results must equal the plain ones bit for bit, whatever the thread count."""
+    the results must equal the plain ones bit for bit, whatever the thread count. (bfloat16:
+    through the stage, or as flat runs where the processor has AVX-512 BF16.)"""
     feats = [randn(gen, 2, c, s, s, dtype=dtype) for c, s in [(4, 40), (8, 20), (8, 10), (4, 5)]]
     with _staged_rows(True):
         fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, (40, 40)), threads=threads)
@@ -218,18 +221,49 @@ def test_staged_rows_any_split(gen, dtype, threads):
     torch.testing.assert_close(fast, ref_upsample_concat(feats, (40, 40)), **tol(dtype, upscale=True))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("scale", [1.0, 2e-38], ids=["normal", "tiny"])
+def test_streamed_bfloat16_blends_as_flat_runs(gen, threads, scale):
+    """Where the processor has AVX-512 BF16, the streamed rows of a bfloat16 NCHW upscale go
+    straight to the output, each block's rows as one flat run cut at cache lines
+    (blend2_flat_bf16_512): a 16-value half that crosses a row's end takes the next row's
+    values and weights, and a run's first and last partial lines take masked stores. Rows of
+    16, 24, 40 and 56 values (planes of 24 and 40 end mid-line); 40 source rows, more than one
+    block of them; an out= 8 values (16 bytes, the streaming stores' alignment) off a cache
+    line; two threads splitting planes mid-line. Tiny values (blends that could be subnormal)
+    take the staged rows instead. Bit for bit the plain results, and the reference's values;
+    the values around out= untouched."""
+    spec = [(3, 40, 15), (2, 7, 7), (4, 13, 9)]
+    feats = [(randn(gen, 2, c, h, w) * scale).bfloat16() for c, h, w in spec]
+    for size in [(90, 16), (90, 24), (90, 40), (56, 56)]:
+        n = 2 * 9 * size[0] * size[1]
+        for off in (0, 8):
+            buf = torch.full((n + 16,), 7.0, dtype=torch.bfloat16)
+            out = buf[off:off + n].view(2, 9, *size)
+            run = functools.partial(lambda o, s: msfast.upsample_concat(feats, s, out=o).clone(), out, size)
+
+            with _staged_rows(True):
+                fast, plain, streamed = _streamed(run, threads=threads)
+            assert streamed == AVX2
+            assert torch.equal(fast, plain), (size, off)
+            torch.testing.assert_close(fast, ref_upsample_concat(feats, size), **tol(torch.bfloat16, upscale=True))
+            assert (buf[:off] == 7).all() and (buf[off + n:] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("size", [(600, 600), (9, 8200), (72, 56)], ids=["tall", "wide", "line_runs"])
-def test_staged_rows_in_bounded_runs(gen, size):
+def test_staged_rows_in_bounded_runs(gen, size, dtype):
     """A large upscale's block of rows is far more than the staging buffer's 2.5 KB: it is
     staged and streamed in runs of whole rows (2 rows of 1200 bytes; a 16400-byte row alone;
     112-byte rows in runs of 20, which end on cache lines, and a last run of 12), with the
-    same results as plain stores."""
-    feats = [randn(gen, 1, 2, 4, 4, dtype=torch.bfloat16)]
+    same results as plain stores. (bfloat16 rows go as flat runs instead where the processor
+    has AVX-512 BF16: see test_streamed_bfloat16_blends_as_flat_runs.)"""
+    feats = [randn(gen, 1, 2, 4, 4, dtype=dtype)]
     with _staged_rows(True):
         fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, size))
     assert streamed == AVX2
     assert torch.equal(fast, plain)
-    torch.testing.assert_close(fast, ref_upsample_concat(feats, size), **tol(torch.bfloat16, upscale=True))
+    torch.testing.assert_close(fast, ref_upsample_concat(feats, size), **tol(dtype, upscale=True))
 
 
 def test_staged_rows_hook_default_and_returns_previous():
