@@ -1731,11 +1731,10 @@ struct RowMaker {
     const int64_t n = tp.tw.out;
     // 16-bit rows that stream (stages_rows) are blended into `stage`, a run of rows at a time
     // (staged_run_rows), and copied out from there with non-temporal stores: the rows of a
-    // plane follow each other in the output.
+    // plane follow each other in the output. (bfloat16 rows mostly skip the stage: below.)
     const bool staged = sizeof(dst_t) == 2 && stream;
     const int64_t row_bytes = d.row * static_cast<int64_t>(sizeof(dst_t));
-    const int64_t per_run = staged ? staged_run_rows(row_bytes) : 0;
-    if (staged && static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
+    int64_t per_run = 0;  // set when first needed
     while (oy < oy_end) {
       // Output rows oy .. e - 1 read source rows lo .. hi (K = 2: start[r] and start[r] + 1).
       // The starts never decrease (JobPlan::rows2), so e is found by bisection and the rows are
@@ -1774,6 +1773,10 @@ struct RowMaker {
       }
 #endif
       if (staged) {
+        if (!per_run) {
+          per_run = staged_run_rows(row_bytes);
+          if (static_cast<int64_t>(stage.size()) < per_run * row_bytes) stage.resize(per_run * row_bytes);
+        }
         dst_t* rows_out = reinterpret_cast<dst_t*>(stage.data());
         while (oy < e) {
           const int64_t first = oy, last = staged_run_end(oy, per_run, e);
