@@ -251,14 +251,17 @@ def test_streamed_bfloat16_blends_as_flat_runs(gen, threads, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 2e-38], ids=["normal", "tiny"])
 @pytest.mark.parametrize("size", [(600, 600), (9, 8200), (72, 56)], ids=["tall", "wide", "line_runs"])
-def test_staged_rows_in_bounded_runs(gen, size, dtype):
+def test_staged_rows_in_bounded_runs(gen, size, scale, dtype):
     """A large upscale's block of rows is far more than the staging buffer's 2.5 KB: it is
     staged and streamed in runs of whole rows (2 rows of 1200 bytes; a 16400-byte row alone;
     112-byte rows in runs of 20, which end on cache lines, and a last run of 12), with the
-    same results as plain stores. (bfloat16 rows go as flat runs instead where the processor
-    has AVX-512 BF16: see test_streamed_bfloat16_blends_as_flat_runs.)"""
-    feats = [randn(gen, 1, 2, 4, 4, dtype=dtype)]
+    same results as plain stores. Where the processor has AVX-512 BF16, bfloat16 rows whose
+    blends pass blend_inputs_safe go as flat runs instead
+    (test_streamed_bfloat16_blends_as_flat_runs): there tiny values (blends that could be
+    subnormal) and float16 are what take the stage."""
+    feats = [(randn(gen, 1, 2, 4, 4) * scale).to(dtype)]
     with _staged_rows(True):
         fast, plain, streamed = _streamed(lambda: msfast.upsample_concat(feats, size))
     assert streamed == AVX2
