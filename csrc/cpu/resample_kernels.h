@@ -702,30 +702,28 @@ MSFAST_AVX512BF16 inline __attribute__((always_inline)) __m512 flat_half(
 MSFAST_AVX512BF16 void blend2_flat_bf16_512(const float* block, const int64_t W, const int64_t* start,
                                             const int64_t lo, const float* w, const int64_t r0, const int64_t r1,
                                             at::BFloat16* o) {
+  // m < 32 values from flat position f (column c of row r on): the run's partial first and
+  // last lines, with masked loads and a masked store.
+  const auto part = [=](int64_t r, int64_t c, int64_t f, int64_t m) {
+    const __mmask32 k = (__mmask32{1} << m) - 1;
+    int64_t r2 = r, c2 = c + 16;
+    while (c2 >= W) c2 -= W, ++r2;
+    const __m512 x = flat_half<false>(block, W, start, lo, w, r, c, static_cast<__mmask16>(k));
+    const __m512 y = m > 16 ? flat_half<false>(block, W, start, lo, w, r2, c2, static_cast<__mmask16>(k >> 16)) : x;
+    _mm512_mask_storeu_epi16(o + f, k, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y, x)));
+  };
   const int64_t L = (r1 - r0) * W;
-  int64_t r = r0, c = 0, f = 0;
-  // m < 32 values from flat position f: the run's first and last partial lines
-  for (int end = 0; end < 2; ++end) {
-    const int64_t m = end ? L - f : std::min<int64_t>(L, (64 - reinterpret_cast<uintptr_t>(o) % 64) % 64 / 2);
-    if (m > 0) {
-      const __mmask32 k = (__mmask32{1} << m) - 1;
-      int64_t r2 = r, c2 = c + 16;
-      while (c2 >= W) c2 -= W, ++r2;
-      const __m512 x = flat_half<false>(block, W, start, lo, w, r, c, static_cast<__mmask16>(k));
-      const __m512 y = m > 16 ? flat_half<false>(block, W, start, lo, w, r2, c2, static_cast<__mmask16>(k >> 16)) : x;
-      _mm512_mask_storeu_epi16(o + f, k, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y, x)));
-      f += m;
-      for (c += m; c >= W;) c -= W, ++r;
-    }
-    if (end) break;
-    for (; f + 32 <= L; f += 32) {
-      const __m512 x = flat_half<true>(block, W, start, lo, w, r, c, 0xFFFF);
-      if ((c += 16) >= W) c -= W, ++r;
-      const __m512 y = flat_half<true>(block, W, start, lo, w, r, c, 0xFFFF);
-      if ((c += 16) >= W) c -= W, ++r;
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(o + f), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y, x)));
-    }
+  const int64_t head = std::min<int64_t>(L, (64 - reinterpret_cast<uintptr_t>(o) % 64) % 64 / 2);
+  if (head) part(r0, 0, 0, head);
+  int64_t r = r0 + head / W, c = head % W, f = head;
+  for (; f + 32 <= L; f += 32) {
+    const __m512 x = flat_half<true>(block, W, start, lo, w, r, c, 0xFFFF);
+    if ((c += 16) >= W) c -= W, ++r;
+    const __m512 y = flat_half<true>(block, W, start, lo, w, r, c, 0xFFFF);
+    if ((c += 16) >= W) c -= W, ++r;
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(o + f), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y, x)));
   }
+  if (f < L) part(r, c, f, L - f);
 }
 
 // Whether the n floats at p are all 0 or normal with a magnitude of at least 2^-56: then
