@@ -22,6 +22,8 @@ std::atomic<int64_t>& small_jobs_planned();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& stream_bytes();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& streamed_calls();  // csrc/cpu/gather_cpu.cpp
 std::atomic<bool>& staged_rows();  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& tiled_calls();  // csrc/cpu/gather_cpu.cpp
+bool set_cuda_tiles(bool on);  // csrc/cpu/gather_cpu.cpp
 }  // namespace msfast
 
 PYBIND11_MODULE(_C, m) {
@@ -32,7 +34,13 @@ PYBIND11_MODULE(_C, m) {
         "Testing hook: run CPU calls with the CPU kernels ('native', the default; 'no-stencil' without "
         "their row stencil and window for integer and short-period factors and upscales; 'no-small' without "
         "their small-plane path) or with the CUDA kernel's code ('gather'; 'gather64' forces its 64-bit index "
-        "path)");
+        "path; 'tiles' and 'tiles64' the CUDA tiled path's code where a call fits it, the gather's "
+        "otherwise)");
+  m.def("_tiled_calls", []() { return msfast::tiled_calls().load(); },
+        "Testing hook: how many calls have run on the tiled path (CUDA, or the CPU runner 'tiles')");
+  m.def("_set_cuda_tiles", &msfast::set_cuda_tiles,
+        "Whether CUDA calls that fit the tiled path take it (default: on when MSFAST_CUDA_TILES=1, off "
+        "otherwise, as it has not yet run on a GPU); returns the previous setting");
   m.def("_small_plane_jobs", []() { return msfast::small_jobs_planned().load(); },
         "Testing hook: how many NCHW jobs the CPU kernels have run with the small-plane path");
   m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },

@@ -1,7 +1,7 @@
 """What only the CUDA backend has to prove: graph capture and replay, the current stream,
 deterministic mode, agreement with the CPU kernels, ATen's CUDA nearest rule, the device
 cache of tap tables (across streams, inside a capture), descriptors too large for the kernel's
-parameters, 64-bit indexing.
+parameters, 64-bit indexing, and the opt-in tiled path (MSFAST_CUDA_TILES=1).
 
 Every test here needs a GPU (marked ``cuda``; skipped without one). The parity, gradient,
 determinism and opcheck tests of the other files run on CUDA too through the ``device`` fixture.
@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CUDA_OK, GRAD_TOL, randint_u8, randn, tol
+from test_gather import TILE_CASES
 
 import msfast
 from msfast import reference
@@ -271,3 +272,69 @@ def test_64bit_indexing(gen):
     crop = x[:, :, -64:, -64:]  # an even offset: the crop's level is the level's corner
     want = reference.pyramid(crop, [0.5], mode="bilinear", antialias=True)[0]
     torch.testing.assert_close(got[:, :, -8:, -8:], want[:, :, -8:, -8:], rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture
+def cuda_tiles():
+    """The CUDA tiled path on (it is opt-in: MSFAST_CUDA_TILES=1), restored afterwards."""
+    prev = msfast._ops._C._set_cuda_tiles(True)
+    try:
+        yield
+    finally:
+        msfast._ops._C._set_cuda_tiles(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(TILE_CASES))
+def test_tiled_path_matches_the_gather(case, dtype, cuda_tiles, gen):
+    """The calls test_gather.py runs through the tiled path's code on the CPU, on the GPU: the
+    tiled kernel runs (the hook counts it), agrees with the gather kernel (the same sums in the
+    same order; the compiler's fused multiply-adds may still differ) and with the reference,
+    into a fresh output and into out=."""
+    spec, size, kw = TILE_CASES[case]
+    feats = [randn(gen, 2, c, h, w, dtype=dtype, device="cuda") for c, h, w in spec]
+    before = msfast._ops._C._tiled_calls()
+    got = msfast.upsample_concat(feats, size, **kw)
+    out = torch.full_like(got, float("nan"))
+    msfast.upsample_concat(feats, size, out=out, **kw)
+    torch.cuda.synchronize()
+    assert msfast._ops._C._tiled_calls() == before + 2
+    msfast._ops._C._set_cuda_tiles(False)
+    want = msfast.upsample_concat(feats, size, **kw)
+    msfast._ops._C._set_cuda_tiles(True)
+    # float: a rounding apart at most; 16-bit: a rounding of float sums that differ by one.
+    near = {torch.float32: dict(rtol=2e-7, atol=1e-6), torch.float64: dict(rtol=1e-15, atol=1e-14)}
+    torch.testing.assert_close(got, want, **near.get(dtype, tol(dtype)))
+    assert torch.equal(out, got)
+    t = tol(dtype, upscale=True)
+    if dtype == torch.float32:
+        t["atol"] = max(t["atol"], 5e-5)  # as in test_gather.py::test_tiled_path
+    torch.testing.assert_close(got, reference.upsample_concat(feats, size, **kw), **t)
+
+
+def test_tiled_path_with_uint8_and_affine(cuda_tiles, gen):
+    x = randint_u8(gen, 2, 3, 13, 10, device="cuda")
+    kw = dict(mode="bilinear", mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    before = msfast._ops._C._tiled_calls()
+    got = msfast.pyramid(x, [1.0, 1.5, 2.25], **kw)
+    torch.cuda.synchronize()
+    assert msfast._ops._C._tiled_calls() == before + 1
+    _assert_all_close(got, reference.pyramid(x, [1.0, 1.5, 2.25], **kw), **tol(torch.float32, upscale=True))
+
+
+def test_tiled_path_in_a_graph_capture(cuda_tiles, gen):
+    """Captured and replayed with new inputs, like the gather kernel (its descriptors travel in
+    the kernel's parameters, its window lives in shared memory)."""
+    spec, size, _ = TILE_CASES["fpn"]
+    feats = [randn(gen, 2, c, h, w, device="cuda") for c, h, w in spec]
+    msfast.upsample_concat(feats, size)  # tables cached before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = msfast.upsample_concat(feats, size)
+    for _ in range(2):
+        with torch.no_grad():
+            for f in feats:
+                f.copy_(torch.randn(f.shape, generator=gen).to("cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, reference.upsample_concat(feats, size), **tol(torch.float32, upscale=True))

@@ -5,7 +5,8 @@ descriptors and tables the CUDA launcher uploads. ``msfast._C._set_cpu_runner("g
 CPU calls run that same code item by item, so these tests check the CUDA path's indexing, plane
 groups and their partial tails, channel slices, affine and 32/64-bit index variants against the
 reference on a machine without a GPU. ("gather64" forces the 64-bit index path that only tensors
-past 2^31 elements would take on a GPU.)
+past 2^31 elements would take on a GPU.) "tiles" and "tiles64" run the CUDA tiled path's code
+(gather.h: TileJob; opt-in on CUDA) for the calls that fit it, the gather for the others.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ FEATURES = [(5, 8, 13), (3, 4, 7), (8, 20, 48)]
 SIZE = (21, 40)
 
 
-@pytest.fixture(params=["gather", "gather64"])
+@pytest.fixture(params=["gather", "gather64", "tiles", "tiles64"])
 def runner(request):
     _ops._C._set_cpu_runner(request.param)
     try:
@@ -185,3 +186,89 @@ def test_empty_batch(runner):
     x = torch.randn(0, 3, 10, 12)
     assert [tuple(t.shape) for t in msfast.pyramid(x, [1.0, 0.5])] == [(0, 3, 10, 12), (0, 3, 5, 6)]
     assert msfast.upsample_concat([torch.randn(0, 2, 4, 4)], (8, 8)).shape == (0, 2, 8, 8)
+
+
+# Calls that fit the tiled path (NCHW, every feature an upscale or a copy): fpn_concat's
+# pattern; rows wider than a tile (128) ending in a partial chunk; planes taller than a tile
+# (1024 // 5 = 204 rows); and the modes with 1 or 2 taps.
+TILE_CASES = {
+    "fpn": ([(3, 24, 24), (4, 12, 12), (5, 6, 6), (6, 3, 3)], (24, 24), {}),
+    "wide": ([(2, 7, 150), (3, 20, 301)], (41, 301), {}),
+    "tall": ([(2, 90, 3), (3, 500, 5)], (500, 5), {}),
+    "align_corners": ([(3, 5, 7), (2, 11, 13)], (17, 19), {"align_corners": True}),
+    "nearest": ([(3, 5, 7), (2, 11, 13)], (17, 19), {"mode": "nearest"}),
+    "nearest-exact": ([(3, 5, 7), (2, 11, 13)], (17, 19), {"mode": "nearest-exact"}),
+}
+
+
+@pytest.mark.parametrize("bits", ["", "64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(TILE_CASES))
+def test_tiled_path(case, dtype, bits, gen):
+    """The tiled path's calls: bit for bit the gather's values (the same sums in the same
+    order), close to the reference, written into out='s channel slices too."""
+    spec, size, kw = TILE_CASES[case]
+    feats = [randn(gen, 2, c, h, w, dtype=dtype) for c, h, w in spec]
+    try:
+        _ops._C._set_cpu_runner("tiles" + bits)
+        before = _ops._C._tiled_calls()
+        got = msfast.upsample_concat(feats, size, **kw)
+        out = torch.full_like(got, float("nan"))
+        msfast.upsample_concat(feats, size, out=out, **kw)
+        assert _ops._C._tiled_calls() == before + 2
+        _ops._C._set_cpu_runner("gather" + bits)
+        want = msfast.upsample_concat(feats, size, **kw)
+    finally:
+        _ops._C._set_cpu_runner("native")
+    assert torch.equal(got, want)
+    assert torch.equal(out, want)
+    # Sizes that do not divide (150 -> 301) put the float32 reference itself 3.4e-5 from the
+    # float64 result: atol 5e-5 there.
+    t = tol(dtype, upscale=True)
+    if dtype == torch.float32:
+        t["atol"] = max(t["atol"], 5e-5)
+    torch.testing.assert_close(got, ref_upsample_concat(feats, size, **kw), **t)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+def test_tiled_pyramid_with_affine(dtype, gen):
+    """A pyramid of upscales and a copy fits the tiled path, with uint8 sources and the
+    per-channel mean and std applied to each value."""
+    x = make_input(gen, (2, 3, 13, 10), dtype)
+    kw = dict(mode="bilinear", mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    scales = [1.0, 1.5, 2.25]
+    try:
+        _ops._C._set_cpu_runner("tiles")
+        before = _ops._C._tiled_calls()
+        got = msfast.pyramid(x, scales, **kw)
+        assert _ops._C._tiled_calls() == before + 1
+    finally:
+        _ops._C._set_cpu_runner("native")
+    for g, r in zip(got, ref_pyramid(x, scales, **kw)):
+        torch.testing.assert_close(g, r, **tol(torch.float32, upscale=True))
+
+
+@pytest.mark.parametrize("case", ["channels_last", "downscale", "two_terms"])
+def test_calls_the_tiled_path_does_not_take(case, gen):
+    """channels_last, a feature larger than the output, a backward that sums two levels: the
+    gather runs them, with the right values."""
+    try:
+        _ops._C._set_cpu_runner("tiles")
+        before = _ops._C._tiled_calls()
+        if case == "two_terms":
+            x = randn(gen, 2, 3, 8, 9, requires_grad=True)
+            xr = x.detach().clone().requires_grad_()
+            outs = msfast.pyramid(x, [1.0, 2.0], mode="nearest")
+            gs = [randn(gen, *o.shape) for o in outs]
+            torch.autograd.backward(outs, gs)
+            torch.autograd.backward(ref_pyramid(xr, [1.0, 2.0], mode="nearest"), gs)
+            torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL)
+            assert _ops._C._tiled_calls() == before + 1  # the forward only
+            return
+        feats = [randn(gen, 2, 3, 5, 7, channels_last=case == "channels_last"),
+                 randn(gen, 2, 4, 30 if case == "downscale" else 9, 11, channels_last=case == "channels_last")]
+        got = msfast.upsample_concat(feats, (12, 14))
+        assert _ops._C._tiled_calls() == before
+    finally:
+        _ops._C._set_cpu_runner("native")
+    torch.testing.assert_close(got, ref_upsample_concat(feats, (12, 14)), **tol(torch.float32, upscale=True))

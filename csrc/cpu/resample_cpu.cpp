@@ -41,7 +41,8 @@ namespace {
 
 void run_cpu(const std::vector<Job>& jobs) {
   if (jobs.empty() || jobs[0].terms.empty()) return;
-  if (cpu_runner().load() == 1) return run_gather_cpu(jobs);
+  const int runner = cpu_runner().load();
+  if (runner == 1 || runner == 4) return run_gather_cpu(jobs);  // the CUDA kernels' code
   const auto [st, dt] = check_jobs(jobs, c10::DeviceType::CPU);
   if (std::strcmp(cpu_isa(), "base") != 0) return avx2::run_jobs(jobs, st, dt);
   base::run_jobs(jobs, st, dt);

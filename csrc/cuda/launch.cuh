@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -118,6 +119,80 @@ void launch(const Plan& g, const at::Device& device) {
   // kernel has run.
 }
 
+// The tiled path (gather.h: TileJob; opt-in while it has not run on a GPU, see
+// cuda_tiles_enabled): a block takes tiles in turn, copies each one's source window into
+// shared memory after the descriptors, and computes the tile's chunks from there. The
+// descriptors are [tile jobs][jobs][terms].
+template <typename src_t, typename dst_t, typename acc_t, typename I>
+__global__ void __launch_bounds__(kTileThreads)
+tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes, int n_jobs,
+            int jobs_off, int terms_off, const int32_t* __restrict__ starts, const acc_t* __restrict__ weights,
+            std::make_unsigned_t<I> tiles) {
+  using U = std::make_unsigned_t<I>;
+  extern __shared__ int4 smem[];
+  if (desc_global) {
+    for (int i = threadIdx.x; i < desc_bytes / 16; i += kTileThreads) smem[i] = desc_global[i];
+  } else {
+    for (int i = threadIdx.x; i < desc_bytes / 16; i += kTileThreads) smem[i] = pd.data[i];
+  }
+  __syncthreads();
+  const char* base = reinterpret_cast<const char*>(smem);
+  const auto* tjobs = reinterpret_cast<const TileJob<I>*>(base);
+  const auto* jobs = reinterpret_cast<const GJob<I>*>(base + jobs_off);
+  const auto* terms = reinterpret_cast<const GTerm<I>*>(base + terms_off);
+  acc_t* win = reinterpret_cast<acc_t*>(reinterpret_cast<char*>(smem) + desc_bytes);
+  for (U tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const TilePos<I> p = tile_pos<I>(tjobs, jobs, n_jobs, terms, starts, tile);
+    const GJob<I>& j = jobs[p.job];
+    const GTerm<I>& tm = terms[j.first_term];
+    tile_stage<src_t, acc_t, I>(tm, p, win, static_cast<I>(threadIdx.x), I{kTileThreads});
+    __syncthreads();
+    tile_chunks<dst_t, acc_t, I>(j, tm, p, starts, weights, win, static_cast<I>(threadIdx.x), I{kTileThreads});
+    __syncthreads();  // the window is rewritten for the next tile
+  }
+}
+
+// Launches a call's tiles; false (nothing launched) where the descriptors and the largest
+// window do not fit a block's shared memory, which leaves the call to the gather kernel.
+template <typename src_t, typename dst_t, typename acc_t, typename Plan>
+bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, const at::Device& device) {
+  using I = typename Plan::index_t;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
+  Blob desc;
+  desc.put(tp.jobs.data(), tp.jobs.size() * sizeof(TileJob<I>));
+  const int64_t jobs_off = desc.put(g.jobs.data(), g.jobs.size() * sizeof(GJob<I>));
+  const int64_t terms_off = desc.put(g.terms.data(), g.terms.size() * sizeof(GTerm<I>));
+  const int64_t desc_bytes = (static_cast<int64_t>(desc.bytes.size()) + 15) / 16 * 16;
+  desc.bytes.resize(desc_bytes);
+  const int64_t smem = desc_bytes + tp.window * static_cast<int64_t>(sizeof(acc_t));
+  if (smem > static_cast<int64_t>(props->sharedMemPerBlock)) return false;
+  DescParam pd;
+  at::Tensor desc_dev;
+  if (desc_bytes <= kParamDescBytes) {
+    std::memcpy(pd.data, desc.bytes.data(), desc_bytes);
+  } else {
+    desc_dev = upload(desc, device, stream, capturing);
+  }
+  Blob tables;
+  tables.put(g.starts.data(), g.starts.size() * sizeof(int32_t));
+  const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
+  const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
+  const char* d = static_cast<const char*>(tab.data_ptr());
+  const int64_t blocks = std::min<int64_t>(tp.tiles, props->multiProcessorCount * 16);
+  tile_kernel<src_t, dst_t, acc_t, I><<<blocks, kTileThreads, smem, stream>>>(
+      pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
+      static_cast<int>(g.jobs.size()), static_cast<int>(jobs_off), static_cast<int>(terms_off),
+      reinterpret_cast<const int32_t*>(d), reinterpret_cast<const acc_t*>(d + weights_off),
+      static_cast<std::make_unsigned_t<I>>(tp.tiles));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tiled_calls().fetch_add(1);
+  return true;
+}
+
 // Runs a call whose inputs have type S (its outputs: dst_type), in its item shape and the
 // narrowest index type it fits. Instantiated once per S, each in its own file.
 template <typename S>
@@ -125,7 +200,15 @@ void run_src(const std::vector<Job>& jobs, at::ScalarType dst_type) {
   with_types(c10::CppTypeToScalarType<S>::value, dst_type, [&](auto, auto d, auto a) {
     using D = decltype(d);
     using A = decltype(a);
-    with_gather_plan<A>(jobs, [&](const auto& plan) { launch<S, D, A>(plan, jobs[0].dst.device()); });
+    with_gather_plan<A>(jobs, [&](const auto& plan) {
+      if constexpr (std::is_same_v<typename std::decay_t<decltype(plan)>::Shape, UpscaleShape>) {
+        if (cuda_tiles_enabled()) {
+          const auto tp = make_tile_plan<A>(jobs, plan);
+          if (tp.tiles > 0 && launch_tiles<S, D, A>(plan, tp, jobs[0].dst.device())) return;
+        }
+      }
+      launch<S, D, A>(plan, jobs[0].dst.device());
+    });
   });
 }
 

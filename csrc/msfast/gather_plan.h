@@ -97,6 +97,15 @@ inline std::atomic<bool>& gather_force_int64() {
   return force;
 }
 
+// Calls run on the tiled path (CUDA, or the CPU runner "tiles"): a testing hook
+// (msfast._C._tiled_calls), defined in csrc/cpu/gather_cpu.cpp.
+std::atomic<int64_t>& tiled_calls();
+// Whether CUDA calls that fit the tiled path take it: MSFAST_CUDA_TILES=1 when first asked,
+// or msfast._C._set_cuda_tiles (which returns the previous setting). Off by default until the
+// path has run on a GPU. Defined in csrc/cpu/gather_cpu.cpp.
+bool cuda_tiles_enabled();
+bool set_cuda_tiles(bool on);
+
 // Whether every offset and item index of the call fits the 32-bit path (a margin covers the
 // grid stride added to an item index and the weights appended after the tables).
 inline bool gather_fits_int32(const std::vector<Job>& jobs) {
@@ -194,6 +203,68 @@ GatherPlan<acc_t, I, Shape> make_gather_plan(const std::vector<Job>& jobs) {
     g.jobs.push_back(gj);
   }
   return g;
+}
+
+// The tile grid of a call for the tiled path (gather.h: TileJob), or no tiles where the call
+// does not fit it: every job NCHW with one term of 1 or 2 taps per axis (a plan of
+// UpscaleShape), a source no larger than its output along each axis (upscales and copies:
+// the window a tile reads is then about the tile's size or smaller), and starts that never
+// decrease. A tile is up to 128 columns wide and about 1024 values (8 chunks of 4 per thread
+// of a CUDA block of 128).
+template <typename I>
+struct TilePlan {
+  std::vector<TileJob<I>> jobs;  // one per GatherPlan job
+  int64_t tiles = 0;
+  int64_t window = 0;  // the largest window's values (its shared memory, in acc_t)
+};
+
+constexpr int64_t kTileWindow = 4096;
+
+template <typename acc_t, typename I>
+TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t, I, UpscaleShape>& g) {
+  using U = std::make_unsigned_t<I>;
+  TilePlan<I> tp;
+  auto none = [] { return TilePlan<I>{}; };
+  std::vector<const Job*> live;  // the jobs the plan kept (it drops jobs with no items)
+  for (const auto& job : jobs)
+    if (job_items<UpscaleShape>(make_view(job.dst, job.channels_last)) > 0) live.push_back(&job);
+  if (live.size() != g.jobs.size() || live.empty()) return none();
+  // The largest span of starts + taps over runs of n consecutive outputs; -1 where the starts
+  // decrease somewhere.
+  auto span = [&](I off, int64_t out, int64_t K, int64_t n) {
+    int64_t m = 0;
+    for (int64_t o = 0; o < out; ++o)
+      if (o + 1 < out && g.starts[off + o + 1] < g.starts[off + o]) return int64_t{-1};
+    for (int64_t o = 0; o < out; o += n) {
+      const int64_t last = std::min(o + n, out) - 1;
+      m = std::max<int64_t>(m, g.starts[off + last] - g.starts[off + o] + K);
+    }
+    return m;
+  };
+  for (size_t i = 0; i < live.size(); ++i) {
+    const Job& job = *live[i];
+    const GJob<I>& gj = g.jobs[i];
+    if (job.channels_last || gj.n_terms != 1) return none();
+    const GTerm<I>& gt = g.terms[gj.first_term];
+    const Term& t = job.terms[0];
+    const int64_t H = gj.H, W = static_cast<int64_t>(gj.W.d);
+    if (t.src.size(2) > H || t.src.size(3) > W) return none();
+    const int64_t tc = std::min<int64_t>(W, 128), tr = std::max<int64_t>(1, std::min<int64_t>(H, 1024 / tc));
+    const int64_t rows = span(gt.ys, H, gt.Ky, tr), cols = span(gt.xs, W, gt.Kx, tc);
+    // (An upscale's window is at most (tr + 1) x (tc + 1) values: the bound is a guard.)
+    if (rows < 0 || cols < 0 || rows * cols > kTileWindow) return none();
+    TileJob<I> tj;
+    tj.tr = static_cast<I>(tr);
+    tj.tc = static_cast<I>(tc);
+    const int64_t col_tiles = (W + tc - 1) / tc, plane_tiles = col_tiles * ((H + tr - 1) / tr);
+    tj.col_tiles = Divider<I>(static_cast<U>(col_tiles));
+    tj.plane_tiles = Divider<I>(static_cast<U>(plane_tiles));
+    tj.first_tile = static_cast<U>(tp.tiles);
+    tp.tiles += plane_tiles * static_cast<int64_t>(gj.planes);
+    tp.window = std::max(tp.window, rows * cols);
+    tp.jobs.push_back(tj);
+  }
+  return tp;
 }
 
 // Whether every term of the call has 1 or 2 taps along each axis (UpscaleShape).
