@@ -141,19 +141,28 @@ tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_
   const auto* jobs = reinterpret_cast<const GJob<I>*>(base + jobs_off);
   const auto* terms = reinterpret_cast<const GTerm<I>*>(base + terms_off);
   acc_t* win = reinterpret_cast<acc_t*>(reinterpret_cast<char*>(smem) + desc_bytes);
-  for (U tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const TilePos<I> p = tile_pos<I>(tjobs, jobs, n_jobs, terms, starts, tile);
+  // A tile's position is decoded once per block, by thread 0, for the next tile while the
+  // block computes this one (in all 128 threads it would take, by a rough count of the code,
+  // about as many instructions as the tile's chunks): every thread reads it before the first
+  // barrier of an iteration, thread 0 overwrites it after that barrier, and the last barrier
+  // publishes it.
+  __shared__ TilePos<I> next;
+  U tile = blockIdx.x;
+  if (threadIdx.x == 0 && tile < tiles) next = tile_pos<I>(tjobs, jobs, n_jobs, terms, starts, tile);
+  __syncthreads();
+  for (; tile < tiles; tile += gridDim.x) {
+    const TilePos<I> p = next;
     const GJob<I>& j = jobs[p.job];
     const GTerm<I>& tm = terms[j.first_term];
     tile_stage<src_t, acc_t, I>(tm, p, win, static_cast<I>(threadIdx.x), I{kTileThreads});
     __syncthreads();
+    if (threadIdx.x == 0 && tile + gridDim.x < tiles)
+      next = tile_pos<I>(tjobs, jobs, n_jobs, terms, starts, tile + gridDim.x);
     tile_chunks<dst_t, acc_t, I>(j, tm, p, starts, weights, win, static_cast<I>(threadIdx.x), I{kTileThreads});
-    __syncthreads();  // the window is rewritten for the next tile
+    __syncthreads();  // the window is rewritten, and `next` read, in the next iteration
   }
 }
 
-// Launches a call's tiles; false (nothing launched) where the descriptors and the largest
-// window do not fit a block's shared memory, which leaves the call to the gather kernel.
 template <typename src_t, typename dst_t, typename acc_t, typename Plan>
 bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, const at::Device& device) {
   using I = typename Plan::index_t;
@@ -169,7 +178,7 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   const int64_t desc_bytes = (static_cast<int64_t>(desc.bytes.size()) + 15) / 16 * 16;
   desc.bytes.resize(desc_bytes);
   const int64_t smem = desc_bytes + tp.window * static_cast<int64_t>(sizeof(acc_t));
-  if (smem > static_cast<int64_t>(props->sharedMemPerBlock)) return false;
+  if (smem + static_cast<int64_t>(sizeof(TilePos<I>)) > static_cast<int64_t>(props->sharedMemPerBlock)) return false;
   DescParam pd;
   at::Tensor desc_dev;
   if (desc_bytes <= kParamDescBytes) {

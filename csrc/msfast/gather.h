@@ -447,13 +447,6 @@ MSFAST_HD TilePos<I> tile_pos(const TileJob<I>* tjobs, const GJob<I>* jobs, int 
   return p;
 }
 
-// Element (r, c) of a tile's source window, converted to acc_t.
-template <typename src_t, typename acc_t, typename I>
-MSFAST_HD acc_t tile_source(const GTerm<I>& tm, const TilePos<I>& p, I r, I c) {
-  const src_t* s = static_cast<const src_t*>(tm.src) + (p.pn * tm.s_outer + p.pc * tm.s_inner);
-  return static_cast<acc_t>(s[(p.r0 + r) * tm.row + p.c0 + c]);
-}
-
 // Walks a row-major grid of `cols` columns from index `first` in steps of `step`, with no
 // division per step: (r, c) advance by (step / cols, step % cols) and carry.
 template <typename I>
@@ -540,11 +533,28 @@ MSFAST_HD void tile_chunks(const GJob<I>& j, const GTerm<I>& tm, const TilePos<I
   }
 }
 
-// Copies the window's elements first, first + step, ... into win (row-major, nc a row).
+// Copies the window's elements first, first + step, ... into win (row-major, nc a row),
+// kTileBatch loads at a time, all issued before their stores: a load that follows a store to
+// shared memory must wait for it (a generic source pointer may alias it), and one element at
+// a time left each thread with a single load in flight (seen in the SASS of the first build).
+constexpr int kTileBatch = 8;
+
 template <typename src_t, typename acc_t, typename I>
 MSFAST_HD void tile_stage(const GTerm<I>& tm, const TilePos<I>& p, acc_t* win, I first, I step) {
-  for (GridWalk<I> g(first, step, p.nc); g.r < p.nr; g.next())
-    win[g.r * p.nc + g.c] = tile_source<src_t, acc_t>(tm, p, g.r, g.c);
+  const src_t* s = static_cast<const src_t*>(tm.src) + (p.pn * tm.s_outer + p.pc * tm.s_inner + p.r0 * tm.row + p.c0);
+  for (GridWalk<I> g(first, step, p.nc); g.r < p.nr;) {
+    acc_t v[kTileBatch];
+    I at[kTileBatch];  // window index, -1 past its end
+#pragma unroll
+    for (int b = 0; b < kTileBatch; ++b) {
+      const bool ok = g.r < p.nr;
+      at[b] = ok ? g.r * p.nc + g.c : I(-1);
+      v[b] = ok ? static_cast<acc_t>(s[g.r * tm.row + g.c]) : acc_t(0);
+      g.next();
+    }
+#pragma unroll
+    for (int b = 0; b < kTileBatch; ++b)
+      if (at[b] >= 0) win[at[b]] = v[b];
+  }
 }
-
 }  // namespace msfast

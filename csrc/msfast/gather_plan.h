@@ -210,7 +210,7 @@ GatherPlan<acc_t, I, Shape> make_gather_plan(const std::vector<Job>& jobs) {
 // UpscaleShape), a source no larger than its output along each axis (upscales and copies:
 // the window a tile reads is then about the tile's size or smaller), and starts that never
 // decrease. A tile is up to 128 columns wide and about 1024 values (8 chunks of 4 per thread
-// of a CUDA block of 128).
+// of a CUDA block of 128); fpn_concat's 56x56 planes take 4 tiles of 14 rows.
 template <typename I>
 struct TilePlan {
   std::vector<TileJob<I>> jobs;  // one per GatherPlan job
@@ -249,7 +249,12 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
     const Term& t = job.terms[0];
     const int64_t H = gj.H, W = static_cast<int64_t>(gj.W.d);
     if (t.src.size(2) > H || t.src.size(3) > W) return none();
-    const int64_t tc = std::min<int64_t>(W, 128), tr = std::max<int64_t>(1, std::min<int64_t>(H, 1024 / tc));
+    // Tiles of about equal size: at most 128 columns (a multiple of kTileV where the row is
+    // cut, so that chunks keep the row's alignment) and rows for about 1024 values.
+    const int64_t col_cuts = (W + 127) / 128;
+    const int64_t tc = col_cuts == 1 ? W : ((W + col_cuts - 1) / col_cuts + kTileV - 1) / kTileV * kTileV;
+    const int64_t tr0 = std::max<int64_t>(1, std::min<int64_t>(H, 1024 / tc)), row_cuts = (H + tr0 - 1) / tr0;
+    const int64_t tr = (H + row_cuts - 1) / row_cuts;
     const int64_t rows = span(gt.ys, H, gt.Ky, tr), cols = span(gt.xs, W, gt.Kx, tc);
     // (An upscale's window is at most (tr + 1) x (tc + 1) values: the bound is a guard.)
     if (rows < 0 || cols < 0 || rows * cols > kTileWindow) return none();
