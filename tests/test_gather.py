@@ -189,12 +189,14 @@ def test_empty_batch(runner):
 
 
 # Calls that fit the tiled path (NCHW, every feature an upscale or a copy): fpn_concat's
-# pattern; rows wider than a tile (128) ending in a partial chunk; planes taller than a tile
-# (1024 // 5 = 204 rows); and the modes with 1 or 2 taps.
+# pattern; rows wider than a tile (128 columns: 3 tiles of 101, 101 and 99); a plane of 500
+# rows of 5 (25 groups of 5 threads in one tile); upscales by 1.01, whose window would exceed
+# 4096 values at 32 rows of 128 (the tiles shrink to 16 rows); the modes with 1 or 2 taps.
 TILE_CASES = {
     "fpn": ([(3, 24, 24), (4, 12, 12), (5, 6, 6), (6, 3, 3)], (24, 24), {}),
     "wide": ([(2, 7, 150), (3, 20, 301)], (41, 301), {}),
     "tall": ([(2, 90, 3), (3, 500, 5)], (500, 5), {}),
+    "near_copy": ([(2, 63, 255), (3, 64, 256)], (64, 256), {}),
     "align_corners": ([(3, 5, 7), (2, 11, 13)], (17, 19), {"align_corners": True}),
     "nearest": ([(3, 5, 7), (2, 11, 13)], (17, 19), {"mode": "nearest"}),
     "nearest-exact": ([(3, 5, 7), (2, 11, 13)], (17, 19), {"mode": "nearest-exact"}),

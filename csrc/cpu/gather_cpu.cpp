@@ -99,7 +99,7 @@ void run_tiles_cpu(const Plan& g, const TilePlan<typename Plan::index_t>& tp) {
       const GTerm<I>& tm = g.terms[j.first_term];
       for (I th = 0; th < kTileThreads; ++th) tile_stage<S, A, I>(tm, p, win.data(), th, I{kTileThreads});
       for (I th = 0; th < kTileThreads; ++th)
-        tile_chunks<D, A, I>(j, tm, p, g.starts.data(), g.weights.data(), win.data(), th, I{kTileThreads});
+        tile_column<D, A, I>(j, tm, p, g.starts.data(), g.weights.data(), win.data(), th, I{kTileThreads});
     }
   });
   tiled_calls().fetch_add(1);

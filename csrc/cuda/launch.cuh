@@ -121,7 +121,7 @@ void launch(const Plan& g, const at::Device& device) {
 
 // The tiled path (gather.h: TileJob; opt-in while it has not run on a GPU, see
 // cuda_tiles_enabled): a block takes tiles in turn, copies each one's source window into
-// shared memory after the descriptors, and computes the tile's chunks from there. The
+// shared memory after the descriptors, and computes the tile, a column per thread, from there. The
 // descriptors are [tile jobs][jobs][terms].
 template <typename src_t, typename dst_t, typename acc_t, typename I>
 __global__ void __launch_bounds__(kTileThreads)
@@ -142,10 +142,9 @@ tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_
   const auto* terms = reinterpret_cast<const GTerm<I>*>(base + terms_off);
   acc_t* win = reinterpret_cast<acc_t*>(reinterpret_cast<char*>(smem) + desc_bytes);
   // A tile's position is decoded once per block, by thread 0, for the next tile while the
-  // block computes this one (in all 128 threads it would take, by a rough count of the code,
-  // about as many instructions as the tile's chunks): every thread reads it before the first
-  // barrier of an iteration, thread 0 overwrites it after that barrier, and the last barrier
-  // publishes it.
+  // block computes this one (not in every thread: 128 copies of a binary search, divisions
+  // and table loads per tile): every thread reads it before the first barrier of an
+  // iteration, thread 0 overwrites it after that barrier, and the last barrier publishes it.
   __shared__ TilePos<I> next;
   U tile = blockIdx.x;
   if (threadIdx.x == 0 && tile < tiles) next = tile_pos<I>(tjobs, jobs, n_jobs, terms, starts, tile);
@@ -158,7 +157,7 @@ tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_
     __syncthreads();
     if (threadIdx.x == 0 && tile + gridDim.x < tiles)
       next = tile_pos<I>(tjobs, jobs, n_jobs, terms, starts, tile + gridDim.x);
-    tile_chunks<dst_t, acc_t, I>(j, tm, p, starts, weights, win, static_cast<I>(threadIdx.x), I{kTileThreads});
+    tile_column<dst_t, acc_t, I>(j, tm, p, starts, weights, win, static_cast<I>(threadIdx.x), I{kTileThreads});
     __syncthreads();  // the window is rewritten, and `next` read, in the next iteration
   }
 }

@@ -381,16 +381,19 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
 }
 
 // ------------------------------------------------------------------------------ tiles
-// The tiled path (experimental on CUDA, see gather_plan.h: make_tile_jobs): for calls whose
+// The tiled path (experimental on CUDA, see gather_plan.h: make_tile_plan): for calls whose
 // jobs are NCHW, one term each, 1 or 2 taps per axis, with starts that never decrease
 // (fpn_concat's forward: upscales and a copy). A CUDA block takes one tile of an output plane
-// (tr rows x tc columns) at a time: it first copies the source window the tile reads (rows
-// and columns between its first and last taps) into shared memory as acc_t, with coalesced
-// loads all independent of each other, then each thread computes chunks of 4 consecutive
-// values of a row from that window and stores them (one vector store where aligned). The
-// gather kernel's items instead each wait on their own chain of table and source loads,
-// which left the fpn_concat forward at 40% of the copy roofline on an H200. The sums are
-// gather_item's, term by term in the same order: sum_ky wy * (sum_kx wx * src).
+// (up to 128 columns, rows for up to about 4096 values: fpn_concat's 56x56 planes are one
+// tile) at a time. It first copies the source window the tile reads (rows and columns between
+// its first and last taps) into shared memory as acc_t, with coalesced loads, several in
+// flight per thread. Then each thread takes one column of the tile and walks down its rows:
+// the column's horizontal taps are loaded once, and per value there are only the row's taps
+// (the same for the warp's lanes), the window's values and one store, coalesced across the
+// warp. The gather kernel's work items each wait on their own chain of table and source
+// loads, and load the horizontal taps again for every value; they left fpn_concat's forward
+// at 40% of the copy roofline on an H200. The sums are gather_item's, term by term in the
+// same order: sum_ky wy * (sum_kx wx * src).
 
 // Per job, beside its GJob: the tile grid.
 template <typename I>
@@ -409,10 +412,9 @@ struct TilePos {
   I pn, pc, oy0, ox0, th, tw, r0, nr, c0, nc;
 };
 
-constexpr int kTileV = 4;  // values per chunk (one float4 store on a GPU)
 // Threads of a CUDA block of the tiled path: thread t stages the window's elements t,
-// t + kTileThreads, ... and computes the tile's chunks t, t + kTileThreads, ... (the CPU runner
-// walks them in the same order, thread by thread).
+// t + kTileThreads, ... and computes one column of the tile (the CPU runner runs them in the
+// same way, thread by thread).
 constexpr int kTileThreads = 128;
 
 template <typename I>
@@ -468,68 +470,67 @@ struct GridWalk {
   }
 };
 
-// Chunks per row of a tile: kTileV consecutive values, the last one possibly partial.
-template <typename I>
-MSFAST_HD I tile_row_chunks(const TilePos<I>& p) { return (p.tw + kTileV - 1) / kTileV; }
-
-// Chunk cx of the tile's row ry, computed from the window win (nr x nc, row-major) and
-// stored.
+// Thread t's share of the tile: the block's threads form floor(threads / tw) groups of tw,
+// group g takes rows g, g + groups, ..., and thread t the tile's column t % tw (threads past
+// the last whole group idle: 16 of 128 for fpn_concat's 56 columns). KY, KX: the tap counts,
+// as template arguments so that the loops unroll.
 template <int KY, int KX, typename dst_t, typename acc_t, typename I>
-MSFAST_HD void tile_chunk_taps(const GJob<I>& j, const GTerm<I>& tm, const TilePos<I>& p, const int32_t* starts,
-                               const acc_t* weights, const acc_t* win, I ry, I cx) {
-  constexpr int V = kTileV;
-  const I oy = p.oy0 + ry, x0 = p.ox0 + cx * V;
-  const int n = static_cast<int>(msf_min<I>(V, p.ox0 + p.tw - x0));
-  const I H = j.H, W = static_cast<I>(j.W.d);
-  const acc_t* wrow = win + (load_table(starts + tm.ys + oy) - p.r0) * p.nc;
-  I xo[V];  // each value's first tap, in the window (a missing value repeats the last)
+MSFAST_HD void tile_column_taps(const GJob<I>& j, const GTerm<I>& tm, const TilePos<I>& p, const int32_t* starts,
+                                const acc_t* weights, const acc_t* win, I t, I threads) {
+  const I groups = threads / p.tw, g = t / p.tw, x = t - g * p.tw;
+  if (g >= groups) return;
+  // Everything the row loop needs, in locals: the descriptors sit in shared memory, and with
+  // the loop's store (through a pointer that could be shared memory, for all the compiler
+  // knows) between two reads, an earlier build read them again for every value (its SASS:
+  // 46 instructions a value).
+  const I H = j.H, row = j.row, nc = p.nc, r0 = p.r0, ox = p.ox0 + x;
+  const I xo = load_table(starts + tm.xs + ox) - p.c0;  // the column's first tap, in the window
+  acc_t wx[KX];
 #pragma unroll
-  for (int v = 0; v < V; ++v) xo[v] = load_table(starts + tm.xs + x0 + (v < n ? v : n - 1)) - p.c0;
-  acc_t acc[V];
+  for (int kx = 0; kx < KX; ++kx) wx[kx] = load_table(weights + tm.xw + kx * static_cast<I>(j.W.d) + ox);
+  const bool affine = j.affine >= 0;
+  acc_t scale = acc_t(1), shift = acc_t(0);
+  if (affine) {
+    scale = load_table(weights + j.affine + p.pc);
+    shift = load_table(weights + j.affine + j.channels + p.pc);
+  }
+  const I first = p.oy0 + g;
+  const int32_t* ys = starts + tm.ys + first;  // the row's first tap, then its weights
+  const acc_t* wy = weights + tm.yw + first;
+  dst_t* d = static_cast<dst_t*>(j.dst) + (p.pn * j.s_outer + p.pc * j.s_inner + first * row + ox);
+  // The pointers step to the next row only when there is one (never past the end): 64-bit
+  // addresses recomputed from a 32-bit row index took about 10 of an earlier build's 39
+  // instructions a value.
+  const I step = groups * row;
+  for (I r = g; r < p.th;) {
+    const acc_t* w0 = win + ((load_table(ys) - r0) * nc + xo);
+    acc_t acc = acc_t(0);
 #pragma unroll
-  for (int v = 0; v < V; ++v) acc[v] = acc_t(0);
-#pragma unroll
-  for (int ky = 0; ky < KY; ++ky) {
-    const acc_t wy = load_table(weights + tm.yw + ky * H + oy);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
+    for (int ky = 0; ky < KY; ++ky) {
       acc_t s = acc_t(0);
 #pragma unroll
-      for (int kx = 0; kx < KX; ++kx)
-        s += load_table(weights + tm.xw + kx * W + x0 + (v < n ? v : n - 1)) * wrow[ky * p.nc + xo[v] + kx];
-      acc[v] += wy * s;
+      for (int kx = 0; kx < KX; ++kx) s += wx[kx] * w0[ky * nc + kx];
+      acc += load_table(wy + ky * H) * s;
     }
+    if (affine) acc = acc * scale + shift;
+    *d = static_cast<dst_t>(acc);
+    r += groups;
+    if (r >= p.th) break;
+    ys += groups;
+    wy += groups;
+    d += step;
   }
-  dst_t out[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    acc_t x = acc[v];
-    if (j.affine >= 0)
-      x = x * load_table(weights + j.affine + p.pc) + load_table(weights + j.affine + j.channels + p.pc);
-    out[v] = static_cast<dst_t>(x);
-  }
-  dst_t* d = static_cast<dst_t*>(j.dst) + (p.pn * j.s_outer + p.pc * j.s_inner + oy * j.row + x0);
-  store_values(d, out, n);
-}
-
-// The tile's chunks first, first + step, ... (a CUDA block: its thread index and size), with
-// the tap counts as template arguments so that each loop above unrolls fully.
-template <int KY, int KX, typename dst_t, typename acc_t, typename I>
-MSFAST_HD void tile_chunks_taps(const GJob<I>& j, const GTerm<I>& tm, const TilePos<I>& p, const int32_t* starts,
-                                const acc_t* weights, const acc_t* win, I first, I step) {
-  for (GridWalk<I> g(first, step, tile_row_chunks(p)); g.r < p.th; g.next())
-    tile_chunk_taps<KY, KX, dst_t>(j, tm, p, starts, weights, win, g.r, g.c);
 }
 
 template <typename dst_t, typename acc_t, typename I>
-MSFAST_HD void tile_chunks(const GJob<I>& j, const GTerm<I>& tm, const TilePos<I>& p, const int32_t* starts,
-                           const acc_t* weights, const acc_t* win, I first, I step) {
+MSFAST_HD void tile_column(const GJob<I>& j, const GTerm<I>& tm, const TilePos<I>& p, const int32_t* starts,
+                           const acc_t* weights, const acc_t* win, I t, I threads) {
   if (tm.Ky == 1) {
-    if (tm.Kx == 1) tile_chunks_taps<1, 1, dst_t>(j, tm, p, starts, weights, win, first, step);
-    else tile_chunks_taps<1, 2, dst_t>(j, tm, p, starts, weights, win, first, step);
+    if (tm.Kx == 1) tile_column_taps<1, 1, dst_t>(j, tm, p, starts, weights, win, t, threads);
+    else tile_column_taps<1, 2, dst_t>(j, tm, p, starts, weights, win, t, threads);
   } else {
-    if (tm.Kx == 1) tile_chunks_taps<2, 1, dst_t>(j, tm, p, starts, weights, win, first, step);
-    else tile_chunks_taps<2, 2, dst_t>(j, tm, p, starts, weights, win, first, step);
+    if (tm.Kx == 1) tile_column_taps<2, 1, dst_t>(j, tm, p, starts, weights, win, t, threads);
+    else tile_column_taps<2, 2, dst_t>(j, tm, p, starts, weights, win, t, threads);
   }
 }
 

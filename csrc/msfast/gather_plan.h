@@ -209,8 +209,8 @@ GatherPlan<acc_t, I, Shape> make_gather_plan(const std::vector<Job>& jobs) {
 // does not fit it: every job NCHW with one term of 1 or 2 taps per axis (a plan of
 // UpscaleShape), a source no larger than its output along each axis (upscales and copies:
 // the window a tile reads is then about the tile's size or smaller), and starts that never
-// decrease. A tile is up to 128 columns wide and about 1024 values (8 chunks of 4 per thread
-// of a CUDA block of 128); fpn_concat's 56x56 planes take 4 tiles of 14 rows.
+// decrease. A tile is up to kTileThreads columns wide, with rows for up to about 4096 values
+// as long as its window fits kTileWindow values: fpn_concat's 56x56 planes are one tile each.
 template <typename I>
 struct TilePlan {
   std::vector<TileJob<I>> jobs;  // one per GatherPlan job
@@ -249,14 +249,16 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
     const Term& t = job.terms[0];
     const int64_t H = gj.H, W = static_cast<int64_t>(gj.W.d);
     if (t.src.size(2) > H || t.src.size(3) > W) return none();
-    // Tiles of about equal size: at most 128 columns (a multiple of kTileV where the row is
-    // cut, so that chunks keep the row's alignment) and rows for about 1024 values.
-    const int64_t col_cuts = (W + 127) / 128;
-    const int64_t tc = col_cuts == 1 ? W : ((W + col_cuts - 1) / col_cuts + kTileV - 1) / kTileV * kTileV;
-    const int64_t tr0 = std::max<int64_t>(1, std::min<int64_t>(H, 1024 / tc)), row_cuts = (H + tr0 - 1) / tr0;
-    const int64_t tr = (H + row_cuts - 1) / row_cuts;
+    // Tiles of about equal size: at most kTileThreads columns (one thread each) and rows for
+    // up to about 4096 values, fewer where the window would not fit.
+    const int64_t col_cuts = (W + kTileThreads - 1) / kTileThreads, tc = (W + col_cuts - 1) / col_cuts;
+    int64_t tr = H;
+    for (int64_t rows_max = std::max<int64_t>(1, 4096 / tc);; rows_max = (rows_max + 1) / 2) {
+      const int64_t row_cuts = (H + rows_max - 1) / rows_max;
+      tr = (H + row_cuts - 1) / row_cuts;
+      if (tr == 1 || span(gt.ys, H, gt.Ky, tr) * span(gt.xs, W, gt.Kx, tc) <= kTileWindow) break;
+    }
     const int64_t rows = span(gt.ys, H, gt.Ky, tr), cols = span(gt.xs, W, gt.Kx, tc);
-    // (An upscale's window is at most (tr + 1) x (tc + 1) values: the bound is a guard.)
     if (rows < 0 || cols < 0 || rows * cols > kTileWindow) return none();
     TileJob<I> tj;
     tj.tr = static_cast<I>(tr);
