@@ -14,8 +14,9 @@
 # that a run cut short still measures; TILES_S, BENCH_S, PROFILE_S, TESTS_S, TILES_TESTS_S and
 # COMPILE_S (seconds) bound each step.
 #   bash benchmarks/gpu_check.sh OUTDIR
-# Then commit the JSONs as benchmarks/results/<device>*.json (they name the GPU, the date, the
-# torch version and the commit). A copy of the tree without .git, or with a .git that is not
+# Then `python benchmarks/gpu_results.py OUTDIR --note "..."` assembles them into
+# benchmarks/results/<device>-<commit>.json (the GPU, the date, the torch version, the commit,
+# the tests' counts, the benchmarks, the tiled path's A/B) and prints a summary; commit that. A copy of the tree without .git, or with a .git that is not
 # the tree's (a device machine's copy of a working tree): pass the commit in, e.g.
 #   MSFAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
