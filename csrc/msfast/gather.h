@@ -389,8 +389,8 @@ MSFAST_HD void gather_item(const GJob<I>* jobs, int n_jobs, const GTerm<I>* term
 // its first and last taps) into shared memory as acc_t, with coalesced loads, several in
 // flight per thread. Then each thread takes one column of the tile and walks down its rows:
 // the column's horizontal taps are loaded once, and per value there are only the row's taps
-// (the same for the warp's lanes), the window's values and one store, coalesced across the
-// warp. The gather kernel's work items each wait on their own chain of table and source
+// (one address for the lanes of a warp on the same row), the window's values and one store,
+// coalesced across the warp. The gather kernel's work items each wait on their own chain of table and source
 // loads, and load the horizontal taps again for every value; they left fpn_concat's forward
 // at 40% of the copy roofline on an H200. The sums are gather_item's, term by term in the
 // same order: sum_ky wy * (sum_kx wx * src).
@@ -440,7 +440,7 @@ MSFAST_HD TilePos<I> tile_pos(const TileJob<I>* tjobs, const GJob<I>* jobs, int 
   const I W = static_cast<I>(j.W.d);
   p.th = msf_min<I>(t.tr, j.H - p.oy0);
   p.tw = msf_min<I>(t.tc, W - p.ox0);
-  // Starts never decrease (make_tile_jobs checks): the window spans the first row's first tap
+  // Starts never decrease (make_tile_plan checks): the window spans the first row's first tap
   // to the last row's last.
   p.r0 = load_table(starts + tm.ys + p.oy0);
   p.nr = load_table(starts + tm.ys + p.oy0 + p.th - 1) + tm.Ky - p.r0;
@@ -537,7 +537,7 @@ MSFAST_HD void tile_column(const GJob<I>& j, const GTerm<I>& tm, const TilePos<I
 // Copies the window's elements first, first + step, ... into win (row-major, nc a row),
 // kTileBatch loads at a time, all issued before their stores: a load that follows a store to
 // shared memory must wait for it (a generic source pointer may alias it), and one element at
-// a time left each thread with a single load in flight (seen in the SASS of the first build).
+// a time left each thread with a single load in flight (seen in an earlier build's SASS).
 constexpr int kTileBatch = 8;
 
 template <typename src_t, typename acc_t, typename I>
@@ -558,4 +558,5 @@ MSFAST_HD void tile_stage(const GTerm<I>& tm, const TilePos<I>& p, acc_t* win, I
       if (at[b] >= 0) win[at[b]] = v[b];
   }
 }
+
 }  // namespace msfast
