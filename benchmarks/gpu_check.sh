@@ -16,8 +16,9 @@
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then `python benchmarks/gpu_results.py OUTDIR --note "..."` assembles them into
 # benchmarks/results/<device>-<commit>.json (the GPU, the date, the torch version, the commit,
-# the tests' counts, the benchmarks, the tiled path's A/B) and prints a summary; commit that. A copy of the tree without .git, or with a .git that is not
-# the tree's (a device machine's copy of a working tree): pass the commit in, e.g.
+# the tests' counts, the benchmarks, the tiled path's A/B) and prints a summary; commit that.
+# A copy of the tree without .git, or with a .git that is not the tree's (a device machine's
+# copy of a working tree): pass the commit in, e.g.
 #   MSFAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}

@@ -84,7 +84,7 @@ void set_cpu_runner(const std::string& name) {
 }
 
 // The CUDA tiled path's code, a tile at a time as a CUDA block runs it: each thread's share of
-// the window copied into a buffer (the block's shared memory), then each thread's chunks
+// the window copied into a buffer (the block's shared memory), then each thread's column
 // computed from there.
 template <typename S, typename D, typename A, typename Plan>
 void run_tiles_cpu(const Plan& g, const TilePlan<typename Plan::index_t>& tp) {

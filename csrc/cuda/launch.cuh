@@ -8,9 +8,9 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "msfast/gather_plan.h"
@@ -121,8 +121,8 @@ void launch(const Plan& g, const at::Device& device) {
 
 // The tiled path (gather.h: TileJob; opt-in while it has not run on a GPU, see
 // cuda_tiles_enabled): a block takes tiles in turn, copies each one's source window into
-// shared memory after the descriptors, and computes the tile, a column per thread, from there. The
-// descriptors are [tile jobs][jobs][terms].
+// shared memory after the descriptors, and computes the tile from there, a column per thread.
+// The descriptors are [tile jobs][jobs][terms].
 template <typename src_t, typename dst_t, typename acc_t, typename I>
 __global__ void __launch_bounds__(kTileThreads)
 tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes, int n_jobs,
@@ -162,6 +162,8 @@ tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_
   }
 }
 
+// Launches a call's tiles; false (nothing launched) where the descriptors and the largest
+// window do not fit a block's shared memory, which leaves the call to the gather kernel.
 template <typename src_t, typename dst_t, typename acc_t, typename Plan>
 bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, const at::Device& device) {
   using I = typename Plan::index_t;
