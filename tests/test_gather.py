@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import GRAD_TOL, make_input, randn, ref_pyramid, ref_upsample_concat, tol
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import msfast
 from msfast import _ops
@@ -274,3 +276,41 @@ def test_calls_the_tiled_path_does_not_take(case, gen):
     finally:
         _ops._C._set_cpu_runner("native")
     torch.testing.assert_close(got, ref_upsample_concat(feats, (12, 14)), **tol(torch.float32, upscale=True))
+
+
+@st.composite
+def _tiled_calls(draw):
+    """An upsample_concat call the tiled path takes: NCHW features (some of them row slices of a
+    wider tensor) no larger than the output, in a mode of 1 or 2 taps; outputs up to 300 wide
+    (column tiles past 128) and 40 tall."""
+    H, W = draw(st.integers(1, 40)), draw(st.integers(1, 300))
+    feats = draw(st.lists(st.tuples(st.integers(1, 3), st.integers(1, H), st.integers(1, W), st.booleans()),
+                          min_size=1, max_size=3))
+    mode = draw(st.sampled_from(["bilinear", "nearest", "nearest-exact"]))
+    align_corners = draw(st.sampled_from([None, False, True])) if mode == "bilinear" else None
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    return (H, W), feats, dict(mode=mode, align_corners=align_corners), dtype, draw(st.integers(0, 2**16))
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=60,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(call=_tiled_calls())
+def test_tiled_path_fuzzed(call):
+    """Drawn sizes, slices, modes and dtypes: the tiled path runs and gives the gather's values
+    bit for bit."""
+    size, spec, kw, dtype, seed = call
+    g = torch.Generator().manual_seed(seed)
+    feats = []
+    for c, h, w, sliced in spec:
+        t = torch.randn(2, c, h, w + 3 if sliced else w, generator=g, dtype=torch.float64).to(dtype)
+        feats.append(t[..., 2 : w + 2] if sliced else t)
+    try:
+        _ops._C._set_cpu_runner("tiles")
+        before = _ops._C._tiled_calls()
+        got = msfast.upsample_concat(feats, size, **kw)
+        assert _ops._C._tiled_calls() == before + 1
+        _ops._C._set_cpu_runner("gather")
+        want = msfast.upsample_concat(feats, size, **kw)
+    finally:
+        _ops._C._set_cpu_runner("native")
+    assert torch.equal(got, want)
