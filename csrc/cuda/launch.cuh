@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -162,6 +163,21 @@ tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_
   }
 }
 
+// Blocks of tile_kernel that fit an SM with `smem` bytes of dynamic shared memory, asked of
+// CUDA once per kernel, size and device (a call of the same shape asks nothing).
+template <typename src_t, typename dst_t, typename acc_t, typename I>
+int tile_blocks_per_sm(int64_t smem, int device) {
+  static std::atomic<int64_t> last{-1};  // ((smem * 256 + device) << 8) | blocks
+  const int64_t key = smem * 256 + (device & 255);
+  const int64_t seen = last.load();
+  if (seen >= 0 && (seen >> 8) == key) return static_cast<int>(seen & 255);
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, tile_kernel<src_t, dst_t, acc_t, I>, kTileThreads,
+                                                               static_cast<size_t>(smem)));
+  last.store((key << 8) | std::min(n, 255));
+  return n;
+}
+
 // Launches a call's tiles; false (nothing launched) where the descriptors and the largest
 // window do not fit a block's shared memory, which leaves the call to the gather kernel.
 template <typename src_t, typename dst_t, typename acc_t, typename Plan>
@@ -180,6 +196,11 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   desc.bytes.resize(desc_bytes);
   const int64_t smem = desc_bytes + tp.window * static_cast<int64_t>(sizeof(acc_t));
   if (smem + static_cast<int64_t>(sizeof(TilePos<I>)) > static_cast<int64_t>(props->sharedMemPerBlock)) return false;
+  // As many blocks as run at once, each looping over tiles: with more, the extra blocks would
+  // wait for the first ones to end and then run their whole share of tiles (16 blocks an SM,
+  // 1.6 times the 10 that fit at 46 registers, would take 2 rounds of shares where 1.6 do).
+  const int per_sm = tile_blocks_per_sm<src_t, dst_t, acc_t, I>(smem, device.index());
+  if (per_sm < 1) return false;
   DescParam pd;
   at::Tensor desc_dev;
   if (desc_bytes <= kParamDescBytes) {
@@ -192,7 +213,7 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
   const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
   const char* d = static_cast<const char*>(tab.data_ptr());
-  const int64_t blocks = std::min<int64_t>(tp.tiles, props->multiProcessorCount * 16);
+  const int64_t blocks = std::min<int64_t>(tp.tiles, int64_t{per_sm} * props->multiProcessorCount);
   tile_kernel<src_t, dst_t, acc_t, I><<<blocks, kTileThreads, smem, stream>>>(
       pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
       static_cast<int>(g.jobs.size()), static_cast<int>(jobs_off), static_cast<int>(terms_off),
