@@ -7,16 +7,17 @@
 #   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
 #   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
 #   profile.txt      host time of small calls, then torch.profiler tables (benchmarks/gpu_profile.py)
-#   tiles_ab.json    the opt-in tiled path against the gather kernel (benchmarks/gpu_tiles.py)
-#   tests_tiles.xml  `pytest -m cuda` again with MSFAST_CUDA_TILES=1
+#   tiles_ab.json    the opt-in switches (the tiled path, the gather's resident grid) against
+#                    the default (benchmarks/gpu_tiles.py)
+#   tests_opt_in.xml `pytest -m cuda` again with MSFAST_CUDA_TILES=1 MSFAST_CUDA_GRID=resident
 # to OUTDIR, in about 4 minutes on an H200 machine (16 cores; the build takes 1.7), plus about
-# 1.5 for the tiled path's two steps. The benchmarks and the profile run before the tests, so
+# 1.5 for the opt-in switches' two steps. The benchmarks and the profile run before the tests, so
 # that a run cut short still measures; TILES_S, BENCH_S, PROFILE_S, TESTS_S, TILES_TESTS_S and
 # COMPILE_S (seconds) bound each step.
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then `python benchmarks/gpu_results.py OUTDIR --note "..."` assembles them into
 # benchmarks/results/<device>-<commit>.json (the GPU, the date, the torch version, the commit,
-# the tests' counts, the benchmarks, the tiled path's A/B) and prints a summary; commit that.
+# the tests' counts, the benchmarks, the switches' A/B) and prints a summary; commit that.
 # A copy of the tree without .git, or with a .git that is not the tree's (a device machine's
 # copy of a working tree): pass the commit in, e.g.
 #   MSFAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh OUTDIR
@@ -43,7 +44,7 @@ $PY -m msfast info --json | tee "$OUT/info.json"
 export MSFAST_CUDA_KERNELS=1
 t=$(date +%s)
 timeout ${TILES_S:-120} $PY benchmarks/gpu_tiles.py "$OUT/tiles_ab.json"
-echo "tiled path A/B rc=$? in $(( $(date +%s) - t )) s (tiles_ab.json)"
+echo "opt-in switches A/B rc=$? in $(( $(date +%s) - t )) s (tiles_ab.json)"
 t=$(date +%s)
 timeout ${BENCH_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --reps 15 --no-compile --out "$OUT"
 echo "bench rc=$? in $(( $(date +%s) - t )) s"
@@ -55,9 +56,9 @@ timeout ${TESTS_S:-240} $PY -m pytest -q -m cuda tests -p no:cacheprovider --max
   --junitxml "$OUT/tests.xml"
 echo "cuda tests rc=$? in $(( $(date +%s) - t )) s"
 t=$(date +%s)
-MSFAST_CUDA_TILES=1 timeout ${TILES_TESTS_S:-240} $PY -m pytest -q -m cuda tests -p no:cacheprovider --maxfail=50 \
-  --tb=short -rfE --junitxml "$OUT/tests_tiles.xml"
-echo "cuda tests with MSFAST_CUDA_TILES=1 rc=$? in $(( $(date +%s) - t )) s"
+MSFAST_CUDA_TILES=1 MSFAST_CUDA_GRID=resident timeout ${TILES_TESTS_S:-240} $PY -m pytest -q -m cuda tests \
+  -p no:cacheprovider --maxfail=50 --tb=short -rfE --junitxml "$OUT/tests_opt_in.xml"
+echo "cuda tests with MSFAST_CUDA_TILES=1 MSFAST_CUDA_GRID=resident rc=$? in $(( $(date +%s) - t )) s"
 t=$(date +%s)
 timeout ${COMPILE_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --cases fpn_concat,pyramid_n1 --layouts nchw \
   --reps 15 --out "$OUT/compile"

@@ -1,7 +1,7 @@
 """Assembles what benchmarks/gpu_check.sh wrote to OUTDIR into one results file,
 benchmarks/results/<device>-<commit>.json (device name, date, torch and CUDA versions, the
-commit, the CUDA tests' counts, the benchmarks, the tiled path's A/B and the host-time lines of
-the profile), and prints a summary. Runs anywhere (it only reads the files).
+commit, the CUDA tests' counts, the benchmarks, the opt-in switches' A/B and the host-time
+lines of the profile), and prints a summary. Runs anywhere (it only reads the files).
 
     python benchmarks/gpu_results.py OUTDIR [--note TEXT] [--out PATH]
 """
@@ -58,7 +58,7 @@ def assemble(outdir: str, note: str = "") -> dict:
         "commit": env.get("commit"),
         "note": note,
         "tests": junit_counts(os.path.join(outdir, "tests.xml")),
-        "tests_tiles": junit_counts(os.path.join(outdir, "tests_tiles.xml")),
+        "tests_opt_in": junit_counts(os.path.join(outdir, "tests_opt_in.xml")),
         "tiles_ab": _load(os.path.join(outdir, "tiles_ab.json")),
         "host": host,
         "bench_eager": bench,
@@ -79,11 +79,12 @@ def main() -> None:
         json.dump(r, f, indent=1)
     print(f"wrote {path}")
     print(f"device {r['device']}, torch {r['torch']}, commit {r['commit']}")
-    print(f"CUDA tests: {r['tests']}; with MSFAST_CUDA_TILES=1: {r['tests_tiles']}")
+    print(f"CUDA tests: {r['tests']}; with MSFAST_CUDA_TILES=1 MSFAST_CUDA_GRID=resident: {r['tests_opt_in']}")
     for row in (r["tiles_ab"] or {}).get("rows", []):
-        print(f"tiles {row['case']}: gather {row['gather_ms']:.3f} ms, tiles {row['tiles_ms']:.3f} ms "
-              f"({row['tiles_vs_gather']:.2f}x; roofline {row['roofline_gather']:.0%} -> {row['roofline_tiles']:.0%}); "
-              f"took tiles {row['took_tiles']}")
+        print(f"switches {row['case']} {row['pass']}: default {row['default_ms']:.3f} ms "
+              f"({row['roofline_default']:.0%}), tiles {row['tiles_ms']:.3f} ms ({row['tiles_vs_default']:.2f}x, "
+              f"took tiles {row['took_tiles']}), resident grid {row['resident_ms']:.3f} ms "
+              f"({row['resident_vs_default']:.2f}x); max |diff| {row['max_abs_diff_vs_default']}")
     for b in (r["bench_eager"], r["bench_compile"]):
         for row in (b or {}).get("rows", []):
             vs_c = row.get("speedup_vs_compile")

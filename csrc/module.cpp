@@ -24,6 +24,7 @@ std::atomic<int64_t>& streamed_calls();  // csrc/cpu/gather_cpu.cpp
 std::atomic<bool>& staged_rows();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& tiled_calls();  // csrc/cpu/gather_cpu.cpp
 bool set_cuda_tiles(bool on);  // csrc/cpu/gather_cpu.cpp
+bool set_cuda_grid_resident(bool on);  // csrc/cpu/gather_cpu.cpp
 }  // namespace msfast
 
 PYBIND11_MODULE(_C, m) {
@@ -41,6 +42,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_cuda_tiles", &msfast::set_cuda_tiles,
         "Whether CUDA calls that fit the tiled path take it (default: on when MSFAST_CUDA_TILES=1, off "
         "otherwise, as it has not yet run on a GPU); returns the previous setting");
+  m.def("_set_cuda_grid_resident", &msfast::set_cuda_grid_resident,
+        "Whether the CUDA gather kernel's grid is as many blocks as fit at once instead of 32 an SM "
+        "(default: on when MSFAST_CUDA_GRID=resident, off otherwise, as it has not yet run on a GPU); "
+        "returns the previous setting");
   m.def("_small_plane_jobs", []() { return msfast::small_jobs_planned().load(); },
         "Testing hook: how many NCHW jobs the CPU kernels have run with the small-plane path");
   m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },

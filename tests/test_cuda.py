@@ -338,3 +338,21 @@ def test_tiled_path_in_a_graph_capture(cuda_tiles, gen):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, reference.upsample_concat(feats, size), **tol(torch.float32, upscale=True))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_resident_grid_gives_the_same_bits(layout, gen):
+    """MSFAST_CUDA_GRID=resident (opt-in) only changes how many blocks share the gather's work
+    items: each item is computed the same way, so both operators' forward and backward are
+    bitwise those of the default grid."""
+    x, feats = _inputs(gen, cl=layout == "channels_last")
+    gp, gc = _grads_for(x, feats, gen)
+    prev = msfast._ops._C._set_cuda_grid_resident(False)
+    try:
+        want_out, want_grads = _step(x, feats, gp, gc)
+        msfast._ops._C._set_cuda_grid_resident(True)
+        got_out, got_grads = _step(x, feats, gp, gc)
+    finally:
+        msfast._ops._C._set_cuda_grid_resident(prev)
+    _assert_all_close(got_out, want_out, rtol=0, atol=0)
+    _assert_all_close(got_grads, want_grads, rtol=0, atol=0)

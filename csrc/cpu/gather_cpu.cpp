@@ -57,18 +57,28 @@ std::atomic<int64_t>& tiled_calls() {
 }
 
 namespace {
-std::atomic<int>& cuda_tiles_flag() {
-  static std::atomic<int> f{[] {
-    const char* e = std::getenv("MSFAST_CUDA_TILES");
-    return e != nullptr && std::string(e) == "1" ? 1 : 0;
-  }()};
+// A switch whose default comes from an environment variable, read once.
+bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::string(e) == value;
+}
+std::atomic<bool>& cuda_tiles_flag() {
+  static std::atomic<bool> f{env_is("MSFAST_CUDA_TILES", "1")};
+  return f;
+}
+std::atomic<bool>& cuda_grid_flag() {
+  static std::atomic<bool> f{env_is("MSFAST_CUDA_GRID", "resident")};
   return f;
 }
 }  // namespace
 
-bool cuda_tiles_enabled() { return cuda_tiles_flag().load() == 1; }
+bool cuda_tiles_enabled() { return cuda_tiles_flag().load(); }
 
-bool set_cuda_tiles(bool on) { return cuda_tiles_flag().exchange(on ? 1 : 0) == 1; }
+bool set_cuda_tiles(bool on) { return cuda_tiles_flag().exchange(on); }
+
+bool cuda_grid_resident() { return cuda_grid_flag().load(); }
+
+bool set_cuda_grid_resident(bool on) { return cuda_grid_flag().exchange(on); }
 
 void set_cpu_runner(const std::string& name) {
   TORCH_CHECK_VALUE(name == "native" || name == "no-stencil" || name == "no-small" || name == "gather" ||

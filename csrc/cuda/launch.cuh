@@ -78,6 +78,22 @@ at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream, 
 at::Tensor device_tables(const std::string& key, const Blob& b, const at::Device& device, cudaStream_t stream,
                          bool capturing);
 
+// Blocks of `kernel` (kThreads threads) that run at once on an SM with `smem` bytes of dynamic
+// shared memory, asked of CUDA once per kernel, size and device (a call of the same shape asks
+// nothing). A kernel whose blocks loop over their work runs best with as many blocks as fit:
+// with more, the extra blocks wait for the first ones to end and then run their whole share.
+template <auto kernel>
+int resident_blocks(int64_t smem, int device) {
+  static std::atomic<int64_t> last{-1};  // ((smem * 256 + device) << 8) | blocks
+  const int64_t key = smem * 256 + (device & 255);
+  const int64_t seen = last.load();
+  if (seen >= 0 && (seen >> 8) == key) return static_cast<int>(seen & 255);
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, static_cast<size_t>(smem)));
+  last.store((key << 8) | std::min(n, 255));
+  return n;
+}
+
 template <typename src_t, typename dst_t, typename acc_t, typename Plan>
 void launch(const Plan& g, const at::Device& device) {
   using I = typename Plan::index_t;
@@ -109,8 +125,12 @@ void launch(const Plan& g, const at::Device& device) {
   const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
   const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
   const char* d = static_cast<const char*>(tab.data_ptr());
-  const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * 32);
-  resample_kernel<typename Plan::Shape, src_t, dst_t, acc_t, I><<<blocks, kThreads, desc_bytes, stream>>>(
+  // 32 blocks an SM, where 5 or 6 fit (the grid that ran on the H200); MSFAST_CUDA_GRID=resident
+  // (opt-in until measured on a GPU): as many as fit, without the 32 / 6 -> 6 rounds' tail.
+  constexpr auto kernel = resample_kernel<typename Plan::Shape, src_t, dst_t, acc_t, I>;
+  const int64_t per_sm = cuda_grid_resident() ? std::max(1, resident_blocks<kernel>(desc_bytes, device.index())) : 32;
+  const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * per_sm);
+  kernel<<<blocks, kThreads, desc_bytes, stream>>>(
       pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
       static_cast<int>(g.jobs.size()), static_cast<int>(terms_off), reinterpret_cast<const int32_t*>(d),
       reinterpret_cast<const acc_t*>(d + weights_off), static_cast<std::make_unsigned_t<I>>(g.total));
@@ -124,6 +144,8 @@ void launch(const Plan& g, const at::Device& device) {
 // cuda_tiles_enabled): a block takes tiles in turn, copies each one's source window into
 // shared memory after the descriptors, and computes the tile from there, a column per thread.
 // The descriptors are [tile jobs][jobs][terms].
+static_assert(kTileThreads == kThreads, "resident_blocks asks for blocks of kThreads");
+
 template <typename src_t, typename dst_t, typename acc_t, typename I>
 __global__ void __launch_bounds__(kTileThreads)
 tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes, int n_jobs,
@@ -163,21 +185,6 @@ tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_
   }
 }
 
-// Blocks of tile_kernel that fit an SM with `smem` bytes of dynamic shared memory, asked of
-// CUDA once per kernel, size and device (a call of the same shape asks nothing).
-template <typename src_t, typename dst_t, typename acc_t, typename I>
-int tile_blocks_per_sm(int64_t smem, int device) {
-  static std::atomic<int64_t> last{-1};  // ((smem * 256 + device) << 8) | blocks
-  const int64_t key = smem * 256 + (device & 255);
-  const int64_t seen = last.load();
-  if (seen >= 0 && (seen >> 8) == key) return static_cast<int>(seen & 255);
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, tile_kernel<src_t, dst_t, acc_t, I>, kTileThreads,
-                                                               static_cast<size_t>(smem)));
-  last.store((key << 8) | std::min(n, 255));
-  return n;
-}
-
 // Launches a call's tiles; false (nothing launched) where the descriptors and the largest
 // window do not fit a block's shared memory, which leaves the call to the gather kernel.
 template <typename src_t, typename dst_t, typename acc_t, typename Plan>
@@ -196,10 +203,9 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   desc.bytes.resize(desc_bytes);
   const int64_t smem = desc_bytes + tp.window * static_cast<int64_t>(sizeof(acc_t));
   if (smem + static_cast<int64_t>(sizeof(TilePos<I>)) > static_cast<int64_t>(props->sharedMemPerBlock)) return false;
-  // As many blocks as run at once, each looping over tiles: with more, the extra blocks would
-  // wait for the first ones to end and then run their whole share of tiles (16 blocks an SM,
-  // 1.6 times the 10 that fit at 46 registers, would take 2 rounds of shares where 1.6 do).
-  const int per_sm = tile_blocks_per_sm<src_t, dst_t, acc_t, I>(smem, device.index());
+  // As many blocks as run at once, each looping over tiles (16 blocks an SM, 1.6 times the 10
+  // that fit at 46 registers, would take 2 rounds of shares where 1.6 do).
+  const int per_sm = resident_blocks<tile_kernel<src_t, dst_t, acc_t, I>>(smem, device.index());
   if (per_sm < 1) return false;
   DescParam pd;
   at::Tensor desc_dev;

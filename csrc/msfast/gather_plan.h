@@ -105,6 +105,11 @@ std::atomic<int64_t>& tiled_calls();
 // path has run on a GPU. Defined in csrc/cpu/gather_cpu.cpp.
 bool cuda_tiles_enabled();
 bool set_cuda_tiles(bool on);
+// Whether the gather kernel's grid is as many blocks as fit at once (MSFAST_CUDA_GRID=resident,
+// or msfast._C._set_cuda_grid_resident) instead of 32 an SM. Off by default until measured on a
+// GPU. Defined in csrc/cpu/gather_cpu.cpp.
+bool cuda_grid_resident();
+bool set_cuda_grid_resident(bool on);
 
 // Whether every offset and item index of the call fits the 32-bit path (a margin covers the
 // grid stride added to an item index and the weights appended after the tables).
