@@ -57,7 +57,7 @@ std::atomic<int64_t>& tiled_calls() {
 }
 
 namespace {
-// A switch whose default comes from an environment variable, read once.
+// Whether environment variable `name` is `value`: the CUDA switches' defaults, read at first use.
 bool env_is(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e != nullptr && std::string(e) == value;

@@ -125,8 +125,9 @@ void launch(const Plan& g, const at::Device& device) {
   const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
   const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
   const char* d = static_cast<const char*>(tab.data_ptr());
-  // 32 blocks an SM, where 5 or 6 fit (the grid that ran on the H200); MSFAST_CUDA_GRID=resident
-  // (opt-in until measured on a GPU): as many as fit, without the 32 / 6 -> 6 rounds' tail.
+  // 32 blocks an SM, where 5 or 6 of the float32 kernels' fit (the grid that ran on the H200);
+  // MSFAST_CUDA_GRID=resident (opt-in until measured on a GPU): as many as fit, without the
+  // tail of 32 / 6 = 5.3 rounds of shares taking 6.
   constexpr auto kernel = resample_kernel<typename Plan::Shape, src_t, dst_t, acc_t, I>;
   const int64_t per_sm = cuda_grid_resident() ? std::max(1, resident_blocks<kernel>(desc_bytes, device.index())) : 32;
   const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * per_sm);
