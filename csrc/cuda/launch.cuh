@@ -37,9 +37,20 @@ struct DescParam {
 template <typename Shape, typename acc_t>
 constexpr int kMinBlocks = sizeof(acc_t) != 4 ? 1 : Shape::kShortTaps ? 6 : 5;
 
-// Descriptors (jobs, then terms) are copied to shared memory once per block: every item
-// reads them, and from global memory their chain of dependent loads would dominate. They
-// come from the parameters, or from desc_global where they did not fit there.
+// Descriptors are copied to shared memory once per block, each kernel's first step: every
+// work item reads them, and from global memory their chain of dependent loads would dominate.
+// They come from the parameters, or from desc_global where they did not fit there.
+__device__ __forceinline__ void load_descriptors(int4* smem, const DescParam& pd, const int4* desc_global,
+                                                 int desc_bytes) {
+  if (desc_global) {
+    for (int i = threadIdx.x; i < desc_bytes / 16; i += kThreads) smem[i] = desc_global[i];
+  } else {
+    for (int i = threadIdx.x; i < desc_bytes / 16; i += kThreads) smem[i] = pd.data[i];
+  }
+  __syncthreads();
+}
+
+// The gather: descriptors [jobs][terms], one work item per thread at a time.
 template <typename Shape, typename src_t, typename dst_t, typename acc_t, typename I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<Shape, acc_t>)
 resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_global, int desc_bytes,
@@ -47,12 +58,7 @@ resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ d
                 std::make_unsigned_t<I> total) {
   using U = std::make_unsigned_t<I>;
   extern __shared__ int4 smem[];
-  if (desc_global) {
-    for (int i = threadIdx.x; i < desc_bytes / 16; i += kThreads) smem[i] = desc_global[i];
-  } else {
-    for (int i = threadIdx.x; i < desc_bytes / 16; i += kThreads) smem[i] = pd.data[i];
-  }
-  __syncthreads();
+  load_descriptors(smem, pd, desc_global, desc_bytes);
   const auto* jobs = reinterpret_cast<const GJob<I>*>(smem);
   const auto* terms = reinterpret_cast<const GTerm<I>*>(reinterpret_cast<const char*>(smem) + terms_off);
   const U stride = static_cast<U>(gridDim.x) * kThreads;
@@ -69,6 +75,11 @@ struct Blob {
     if (n) std::memcpy(bytes.data() + off, p, n);
     return static_cast<int64_t>(off);
   }
+  // Pads to a whole number of int4 (blocks copy descriptors as int4) and returns the size.
+  int64_t pad() {
+    bytes.resize((bytes.size() + 15) / 16 * 16);
+    return static_cast<int64_t>(bytes.size());
+  }
 };
 
 // A blob on the device, copied on `stream` (resample_cuda.cu).
@@ -77,6 +88,48 @@ at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream, 
 // The device copy of a call's tables, from the cache or uploaded now (resample_cuda.cu).
 at::Tensor device_tables(const std::string& key, const Blob& b, const at::Device& device, cudaStream_t stream,
                          bool capturing);
+
+inline bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  return capture != cudaStreamCaptureStatusNone;
+}
+
+// A call's descriptors and tables where its kernel reads them: the descriptors in the kernel's
+// parameters, or uploaded where they do not fit; [starts][weights] from the device cache.
+// Holding the tensors keeps them until the launch: they go back to the caching allocator
+// after it, which is stream-ordered, so their blocks are not handed out to other work on
+// this stream before the kernel has run.
+template <typename acc_t>
+struct CallData {
+  DescParam pd;
+  at::Tensor desc_dev, tab;  // desc_dev: only where the descriptors do not fit the parameters
+  int64_t weights_off = 0;
+  const int4* desc_global() const {
+    return desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr;
+  }
+  const int32_t* starts() const { return static_cast<const int32_t*>(tab.data_ptr()); }
+  const acc_t* weights() const {
+    return reinterpret_cast<const acc_t*>(static_cast<const char*>(tab.data_ptr()) + weights_off);
+  }
+};
+
+template <typename acc_t, typename Plan>
+CallData<acc_t> call_data(const Plan& g, const Blob& desc, const at::Device& device, cudaStream_t stream,
+                          bool capturing) {
+  CallData<acc_t> c;
+  const int64_t desc_bytes = static_cast<int64_t>(desc.bytes.size());
+  if (desc_bytes <= kParamDescBytes) {
+    std::memcpy(c.pd.data, desc.bytes.data(), desc_bytes);
+  } else {
+    c.desc_dev = upload(desc, device, stream, capturing);
+  }
+  Blob tables;
+  tables.put(g.starts.data(), g.starts.size() * sizeof(int32_t));
+  c.weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
+  c.tab = device_tables(g.key, tables, device, stream, capturing);
+  return c;
+}
 
 // Blocks of `kernel` (kThreads threads) that run at once on an SM with `smem` bytes of dynamic
 // shared memory, asked of CUDA once per kernel, size and device (a call of the same shape asks
@@ -100,52 +153,33 @@ void launch(const Plan& g, const at::Device& device) {
   if (g.total == 0) return;
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  const bool capturing = capture != cudaStreamCaptureStatusNone;
   // [jobs][terms], copied to shared memory by each block.
   Blob desc;
   desc.put(g.jobs.data(), g.jobs.size() * sizeof(GJob<I>));
   const int64_t terms_off = desc.put(g.terms.data(), g.terms.size() * sizeof(GTerm<I>));
-  const int64_t desc_bytes = (static_cast<int64_t>(desc.bytes.size()) + 15) / 16 * 16;
-  desc.bytes.resize(desc_bytes);
+  const int64_t desc_bytes = desc.pad();
   TORCH_CHECK_VALUE(desc_bytes <= static_cast<int64_t>(props->sharedMemPerBlock),
                     "msfast: too many pyramid levels or features in one call (", g.jobs.size(), " outputs, ",
                     g.terms.size(), " inputs)");
-  DescParam pd;
-  at::Tensor desc_dev;  // only where the descriptors do not fit the parameters
-  if (desc_bytes <= kParamDescBytes) {
-    std::memcpy(pd.data, desc.bytes.data(), desc_bytes);
-  } else {
-    desc_dev = upload(desc, device, stream, capturing);
-  }
-  // [starts][weights]
-  Blob tables;
-  tables.put(g.starts.data(), g.starts.size() * sizeof(int32_t));
-  const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
-  const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
-  const char* d = static_cast<const char*>(tab.data_ptr());
+  const auto c = call_data<acc_t>(g, desc, device, stream, stream_capturing(stream));
   // 32 blocks an SM, where 5 or 6 of the float32 kernels' fit (the grid that ran on the H200);
   // MSFAST_CUDA_GRID=resident (opt-in until measured on a GPU): as many as fit, without the
   // tail of 32 / 6 = 5.3 rounds of shares taking 6.
   constexpr auto kernel = resample_kernel<typename Plan::Shape, src_t, dst_t, acc_t, I>;
   const int64_t per_sm = cuda_grid_resident() ? std::max(1, resident_blocks<kernel>(desc_bytes, device.index())) : 32;
   const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * per_sm);
-  kernel<<<blocks, kThreads, desc_bytes, stream>>>(
-      pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
-      static_cast<int>(g.jobs.size()), static_cast<int>(terms_off), reinterpret_cast<const int32_t*>(d),
-      reinterpret_cast<const acc_t*>(d + weights_off), static_cast<std::make_unsigned_t<I>>(g.total));
+  kernel<<<blocks, kThreads, desc_bytes, stream>>>(c.pd, c.desc_global(), static_cast<int>(desc_bytes),
+                                                  static_cast<int>(g.jobs.size()), static_cast<int>(terms_off),
+                                                  c.starts(), c.weights(),
+                                                  static_cast<std::make_unsigned_t<I>>(g.total));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // `desc_dev` and an uncached `tab` go back to the caching allocator here; it is
-  // stream-ordered, so the blocks are not handed out to other work on this stream before the
-  // kernel has run.
 }
 
 // The tiled path (gather.h: TileJob; opt-in while it has not run on a GPU, see
 // cuda_tiles_enabled): a block takes tiles in turn, copies each one's source window into
 // shared memory after the descriptors, and computes the tile from there, a column per thread.
 // The descriptors are [tile jobs][jobs][terms].
-static_assert(kTileThreads == kThreads, "resident_blocks asks for blocks of kThreads");
+static_assert(kTileThreads == kThreads, "load_descriptors and resident_blocks take blocks of kThreads");
 
 template <typename src_t, typename dst_t, typename acc_t, typename I>
 __global__ void __launch_bounds__(kTileThreads)
@@ -154,12 +188,7 @@ tile_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ desc_
             std::make_unsigned_t<I> tiles) {
   using U = std::make_unsigned_t<I>;
   extern __shared__ int4 smem[];
-  if (desc_global) {
-    for (int i = threadIdx.x; i < desc_bytes / 16; i += kTileThreads) smem[i] = desc_global[i];
-  } else {
-    for (int i = threadIdx.x; i < desc_bytes / 16; i += kTileThreads) smem[i] = pd.data[i];
-  }
-  __syncthreads();
+  load_descriptors(smem, pd, desc_global, desc_bytes);
   const char* base = reinterpret_cast<const char*>(smem);
   const auto* tjobs = reinterpret_cast<const TileJob<I>*>(base);
   const auto* jobs = reinterpret_cast<const GJob<I>*>(base + jobs_off);
@@ -193,39 +222,22 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   using I = typename Plan::index_t;
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  const bool capturing = capture != cudaStreamCaptureStatusNone;
   Blob desc;
   desc.put(tp.jobs.data(), tp.jobs.size() * sizeof(TileJob<I>));
   const int64_t jobs_off = desc.put(g.jobs.data(), g.jobs.size() * sizeof(GJob<I>));
   const int64_t terms_off = desc.put(g.terms.data(), g.terms.size() * sizeof(GTerm<I>));
-  const int64_t desc_bytes = (static_cast<int64_t>(desc.bytes.size()) + 15) / 16 * 16;
-  desc.bytes.resize(desc_bytes);
+  const int64_t desc_bytes = desc.pad();
   const int64_t smem = desc_bytes + tp.window * static_cast<int64_t>(sizeof(acc_t));
   if (smem + static_cast<int64_t>(sizeof(TilePos<I>)) > static_cast<int64_t>(props->sharedMemPerBlock)) return false;
   // As many blocks as run at once, each looping over tiles (16 blocks an SM, 1.6 times the 10
   // that fit at 46 registers, would take 2 rounds of shares where 1.6 do).
   const int per_sm = resident_blocks<tile_kernel<src_t, dst_t, acc_t, I>>(smem, device.index());
   if (per_sm < 1) return false;
-  DescParam pd;
-  at::Tensor desc_dev;
-  if (desc_bytes <= kParamDescBytes) {
-    std::memcpy(pd.data, desc.bytes.data(), desc_bytes);
-  } else {
-    desc_dev = upload(desc, device, stream, capturing);
-  }
-  Blob tables;
-  tables.put(g.starts.data(), g.starts.size() * sizeof(int32_t));
-  const int64_t weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
-  const at::Tensor tab = device_tables(g.key, tables, device, stream, capturing);
-  const char* d = static_cast<const char*>(tab.data_ptr());
+  const auto c = call_data<acc_t>(g, desc, device, stream, stream_capturing(stream));
   const int64_t blocks = std::min<int64_t>(tp.tiles, int64_t{per_sm} * props->multiProcessorCount);
   tile_kernel<src_t, dst_t, acc_t, I><<<blocks, kTileThreads, smem, stream>>>(
-      pd, desc_dev.defined() ? static_cast<const int4*>(desc_dev.data_ptr()) : nullptr, static_cast<int>(desc_bytes),
-      static_cast<int>(g.jobs.size()), static_cast<int>(jobs_off), static_cast<int>(terms_off),
-      reinterpret_cast<const int32_t*>(d), reinterpret_cast<const acc_t*>(d + weights_off),
-      static_cast<std::make_unsigned_t<I>>(tp.tiles));
+      c.pd, c.desc_global(), static_cast<int>(desc_bytes), static_cast<int>(g.jobs.size()), static_cast<int>(jobs_off),
+      static_cast<int>(terms_off), c.starts(), c.weights(), static_cast<std::make_unsigned_t<I>>(tp.tiles));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tiled_calls().fetch_add(1);
   return true;

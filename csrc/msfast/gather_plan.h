@@ -234,12 +234,15 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
   for (const auto& job : jobs)
     if (job_items<UpscaleShape>(make_view(job.dst, job.channels_last)) > 0) live.push_back(&job);
   if (live.size() != g.jobs.size() || live.empty()) return none();
-  // The largest span of starts + taps over runs of n consecutive outputs; -1 where the starts
-  // decrease somewhere.
+  auto monotone = [&](I off, int64_t out) {
+    for (int64_t o = 0; o + 1 < out; ++o)
+      if (g.starts[off + o + 1] < g.starts[off + o]) return false;
+    return true;
+  };
+  // The largest span of starts + taps over runs of n consecutive outputs (starts that never
+  // decrease).
   auto span = [&](I off, int64_t out, int64_t K, int64_t n) {
     int64_t m = 0;
-    for (int64_t o = 0; o < out; ++o)
-      if (o + 1 < out && g.starts[off + o + 1] < g.starts[off + o]) return int64_t{-1};
     for (int64_t o = 0; o < out; o += n) {
       const int64_t last = std::min(o + n, out) - 1;
       m = std::max<int64_t>(m, g.starts[off + last] - g.starts[off + o] + K);
@@ -253,18 +256,19 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
     const GTerm<I>& gt = g.terms[gj.first_term];
     const Term& t = job.terms[0];
     const int64_t H = gj.H, W = static_cast<int64_t>(gj.W.d);
-    if (t.src.size(2) > H || t.src.size(3) > W) return none();
+    if (t.src.size(2) > H || t.src.size(3) > W || !monotone(gt.ys, H) || !monotone(gt.xs, W)) return none();
     // Tiles of about equal size: at most kTileThreads columns (one thread each) and rows for
     // up to about 4096 values, fewer where the window would not fit.
     const int64_t col_cuts = (W + kTileThreads - 1) / kTileThreads, tc = (W + col_cuts - 1) / col_cuts;
-    int64_t tr = H;
+    const int64_t cols = span(gt.xs, W, gt.Kx, tc);
+    int64_t tr = H, rows = 0;
     for (int64_t rows_max = std::max<int64_t>(1, 4096 / tc);; rows_max = (rows_max + 1) / 2) {
       const int64_t row_cuts = (H + rows_max - 1) / rows_max;
       tr = (H + row_cuts - 1) / row_cuts;
-      if (tr == 1 || span(gt.ys, H, gt.Ky, tr) * span(gt.xs, W, gt.Kx, tc) <= kTileWindow) break;
+      rows = span(gt.ys, H, gt.Ky, tr);
+      if (tr == 1 || rows * cols <= kTileWindow) break;
     }
-    const int64_t rows = span(gt.ys, H, gt.Ky, tr), cols = span(gt.xs, W, gt.Kx, tc);
-    if (rows < 0 || cols < 0 || rows * cols > kTileWindow) return none();
+    if (rows * cols > kTileWindow) return none();
     TileJob<I> tj;
     tj.tr = static_cast<I>(tr);
     tj.tc = static_cast<I>(tc);
