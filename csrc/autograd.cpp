@@ -9,7 +9,6 @@
 // and the backward of a backward is the forward again. Calls go through the dispatcher, so
 // that torch.compile traces them with the fake kernels of msfast/_ops.py, and a backward run
 // with create_graph records the next one. Sizes stay SymInt throughout for dynamic shapes.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -17,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "msfast/dispatch.h"
 #include "msfast/plan.h"  // is_channels_last
 
 namespace msfast {
@@ -24,39 +24,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptDoubles = std::optional<at::ArrayRef<double>>;
-
-// The operators, looked up once, called below the autograd layer by the forwards and through
-// it by the backwards.
-auto pyramid_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("msfast::pyramid", "")
-                       .typed<std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, OptDoubles,
-                                                      std::string, bool, bool, OptDoubles, OptDoubles,
-                                                      std::optional<at::ScalarType>)>();
-  return op;
-}
-auto pyramid_backward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("msfast::pyramid_backward", "")
-                       .typed<at::Tensor(const c10::List<std::optional<at::Tensor>>&, c10::SymIntArrayRef,
-                                         OptDoubles, std::string, bool, bool, OptDoubles, at::ScalarType,
-                                         bool)>();
-  return op;
-}
-auto upsample_concat_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("msfast::upsample_concat", "")
-                       .typed<at::Tensor(at::TensorList, c10::SymIntArrayRef, std::string, bool)>();
-  return op;
-}
-auto upsample_concat_backward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("msfast::upsample_concat_backward", "")
-                       .typed<std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, std::string,
-                                                      bool, bool)>();
-  return op;
-}
 
 // Optional float lists, kept for the backward: IValue holds them as a list or None.
 c10::IValue keep(const OptDoubles& v) { return v ? c10::IValue(v->vec()) : c10::IValue(); }
@@ -66,6 +33,18 @@ std::optional<std::vector<double>> unkeep(const c10::IValue& v) {
 }
 OptDoubles view(const std::optional<std::vector<double>>& v) {
   return v ? OptDoubles(at::ArrayRef<double>(*v)) : std::nullopt;
+}
+
+// Whether a call must go through its autograd Function: grad mode on and an input requiring
+// grad, or an input carrying a forward-mode tangent (which Function::apply rejects, so that
+// forward AD raises rather than dropping the tangent). Otherwise the call goes straight to the
+// kernel: Function::apply builds its node and saved data even where no graph is recorded,
+// a few microseconds of host time in every inference call.
+bool records(at::TensorList ts) {
+  const bool grad = at::GradMode::is_enabled();
+  for (const auto& t : ts)
+    if (t.defined() && ((grad && t.requires_grad()) || t._fw_grad(/*level=*/0).defined())) return true;
+  return false;
 }
 
 struct PyramidFn : torch::autograd::Function<PyramidFn> {
@@ -222,6 +201,10 @@ struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwa
 std::vector<at::Tensor> pyramid_autograd(const at::Tensor& x, c10::SymIntArrayRef sizes, OptDoubles scales,
                                          std::string mode, bool antialias, bool align_corners,
                                          OptDoubles mean, OptDoubles std, std::optional<at::ScalarType> out_dtype) {
+  if (!records(x)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return pyramid_op().call(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype);
+  }
   return PyramidFn::apply(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype);
 }
 
@@ -238,18 +221,31 @@ at::Tensor pyramid_backward_autograd(const c10::List<std::optional<at::Tensor>>&
       live.push_back(static_cast<int64_t>(i));
     }
   }
+  if (!records(g)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return pyramid_backward_op().call(grads, input_shape, scales, mode, antialias, align_corners, std, dtype,
+                                      channels_last);
+  }
   return PyramidBackwardFn::apply(at::TensorList(g), live, static_cast<int64_t>(grads.size()), input_shape, scales,
                                   mode, antialias, align_corners, std, dtype, channels_last)[0];
 }
 
 at::Tensor upsample_concat_autograd(at::TensorList features, c10::SymIntArrayRef size, std::string mode,
                                     bool align_corners) {
+  if (!records(features)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return upsample_concat_op().call(features, size, mode, align_corners);
+  }
   return UpsampleConcatFn::apply(features, size, mode, align_corners)[0];
 }
 
 std::vector<at::Tensor> upsample_concat_backward_autograd(const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
                                                           std::string mode, bool align_corners,
                                                           bool channels_last) {
+  if (!records(grad)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last);
+  }
   return UpsampleConcatBackwardFn::apply(grad, feature_shapes, mode, align_corners, channels_last);
 }
 

@@ -158,6 +158,19 @@ def _flat(pairs):
     return [v for hw in pairs for v in hw]
 
 
+_tf_mode = torch._C._is_torch_function_mode_enabled
+
+
+def _direct(t: torch.Tensor) -> bool:
+    """Whether a call on `t` can go to msfast._C's typed entry points (csrc/module.cpp) rather
+    than through torch.ops, whose argument conversion costs about 5 us a call: for a plain
+    tensor (a subclass may override __torch_function__, which only torch.ops honours), with no
+    torch_function mode active (it must see the operator), outside torch.compile (Dynamo traces
+    torch.ops, not an extension's functions). Both reach the same dispatcher: autograd, the
+    device kernels and torch_dispatch modes behave the same."""
+    return type(t) is torch.Tensor and not _tf_mode() and not torch.compiler.is_compiling()
+
+
 def _layout(channels_last: bool):
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -202,8 +215,8 @@ def pyramid(
     if not _use_kernels(x.device):
         return reference.pyramid(x, scales, sizes, mode=mode, antialias=antialias, align_corners=align_corners,
                                  mean=mean, std=std, out_dtype=out_dtype)
-    return _OPS.pyramid(x, _flat(a.sizes), a.scales, a.mode, a.antialias, a.align_corners,
-                                    a.mean, a.std, a.out_dtype)
+    op = _C.pyramid if _direct(x) else _OPS.pyramid
+    return op(x, _flat(a.sizes), a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
 
 
 def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bool | None = None,
@@ -229,14 +242,19 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
     features, size, mode, align_corners = concat_args(features, size, mode, align_corners, out)
     if not _use_kernels(features[0].device):
         return reference.upsample_concat(features, size, mode=mode, align_corners=align_corners, out=out)
+    direct = all(type(f) is torch.Tensor for f in features) and _direct(features[0])
     if out is None:
-        return _OPS.upsample_concat(features, list(size), mode, align_corners)
+        op = _C.upsample_concat if direct else _OPS.upsample_concat
+        return op(features, list(size), mode, align_corners)
     if torch.is_grad_enabled() and any(f.requires_grad for f in features):
         raise RuntimeError(
             "msfast.upsample_concat(out=...) does not support automatic differentiation: "
             "call it without out= when the features require grad"
         )
-    _OPS.upsample_concat_out(features, list(size), mode, align_corners, out=out)
+    if direct and type(out) is torch.Tensor:
+        _C.upsample_concat_out(features, list(size), mode, align_corners, out)
+    else:
+        _OPS.upsample_concat_out(features, list(size), mode, align_corners, out=out)
     return out
 
 

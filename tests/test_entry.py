@@ -1,0 +1,227 @@
+"""How a call reaches the operators. msfast.pyramid and msfast.upsample_concat call msfast._C's
+typed entry points for plain tensors (csrc/module.cpp: torch.ops' boxed argument conversion
+cost about 5 us a small call) and torch.ops otherwise; both go through the dispatcher. And the
+autograd kernels (csrc/autograd.cpp) record a graph only where one is needed.
+
+Checked here: the two routes give the same bits; tensor subclasses, torch_function modes and
+torch.compile take torch.ops; torch_dispatch modes and the profiler see the operator on either
+route; no graph without grad, one with it; forward-mode AD still raises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from conftest import GRAD_TOL, make_input, randn, ref_pyramid, ref_upsample_concat, tol
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import msfast
+from msfast import _ops
+
+OPS = torch.ops.msfast
+
+
+class _NoTorchOps:
+    """Stands in for msfast._ops._OPS: any use of torch.ops fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"torch.ops.msfast.{name} was called")
+
+
+def _concat_inputs(gen, device, dtype=torch.float32, channels_last=False):
+    return [randn(gen, 2, c, h, w, dtype=dtype, device=device, channels_last=channels_last)
+            for c, h, w in [(3, 9, 7), (2, 4, 5), (4, 12, 14)]]
+
+
+PYRAMID_CALLS = [
+    # (input dtype, layout, keyword arguments)
+    (torch.float32, "nchw", dict(scales=[1.0, 0.5, 0.3])),
+    (torch.float32, "channels_last", dict(sizes=[(5, 7), (20, 9)], mode="bicubic", align_corners=True)),
+    (torch.bfloat16, "nchw", dict(scales=[0.25], mode="area")),
+    (torch.float64, "nhwc_permuted", dict(scales=[2.0, 0.7], mode="nearest-exact")),
+    (torch.uint8, "channels_last", dict(scales=[0.5, 0.5], mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25],
+                                        out_dtype=torch.float16)),
+]
+
+
+@pytest.mark.parametrize("dtype,layout,kw", PYRAMID_CALLS, ids=lambda v: str(v).replace("torch.", "")[:24])
+def test_pyramid_entry_equals_torch_ops(dtype, layout, kw, device, gen, monkeypatch):
+    x = make_input(gen, (2, 3, 17, 23), dtype, device, layout)
+    via_ops = msfast.pyramid(x.as_subclass(_Traced), **kw)  # a subclass takes torch.ops
+    monkeypatch.setattr(_ops, "_OPS", _NoTorchOps())
+    direct = msfast.pyramid(x, **kw)
+    assert len(direct) == len(via_ops)
+    for d, o, r in zip(direct, via_ops, ref_pyramid(x, **kw)):
+        assert type(d) is torch.Tensor
+        torch.testing.assert_close(d, o.as_subclass(torch.Tensor), rtol=0, atol=0)
+        torch.testing.assert_close(d, r, **tol(d.dtype))
+        assert d.is_contiguous(memory_format=torch.channels_last) == r.is_contiguous(
+            memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("out", [False, True], ids=["fresh", "out"])
+def test_upsample_concat_entry_equals_torch_ops(layout, out, device, gen, monkeypatch):
+    feats = _concat_inputs(gen, device, channels_last=layout == "channels_last")
+    size = (10, 11)
+    want = ref_upsample_concat(feats, size, mode="bilinear")
+    via_ops = msfast.upsample_concat([f.as_subclass(_Traced) for f in feats], size).as_subclass(torch.Tensor)
+    monkeypatch.setattr(_ops, "_OPS", _NoTorchOps())
+    if out:
+        buf = torch.empty_like(want).normal_(generator=None)
+        got = msfast.upsample_concat(feats, size, out=buf)
+        assert got is buf
+    else:
+        got = msfast.upsample_concat(feats, size)
+    torch.testing.assert_close(got, via_ops, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+def test_entry_gradients_match_the_reference(device, gen, monkeypatch):
+    """The typed entry points record the same C++ autograd graph as torch.ops."""
+    monkeypatch.setattr(_ops, "_OPS", _NoTorchOps())
+    x = randn(gen, 2, 3, 12, 10, device=device, requires_grad=True)
+    feats = [f.requires_grad_(True) for f in _concat_inputs(gen, device)]
+    levels = msfast.pyramid(x, [1.0, 0.5], std=[0.5, 1.0, 2.0])
+    out = msfast.upsample_concat(feats, (6, 8))
+    assert "PyramidFn" in levels[0].grad_fn.name() and "UpsampleConcatFn" in out.grad_fn.name()
+    gl = [randn(gen, *t.shape, device=device) for t in levels]
+    go = randn(gen, *out.shape, device=device)
+    got = torch.autograd.grad(levels + [out], [x] + feats, gl + [go])
+    xr = x.detach().requires_grad_(True)
+    fr = [f.detach().requires_grad_(True) for f in feats]
+    want = torch.autograd.grad(ref_pyramid(xr, [1.0, 0.5], std=[0.5, 1.0, 2.0]) + [ref_upsample_concat(fr, (6, 8))],
+                               [xr] + fr, gl + [go])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **GRAD_TOL)
+
+
+# ------------------------------------------------------------ which route a call takes
+
+
+class _Traced(torch.Tensor):
+    """A tensor subclass that records the functions its __torch_function__ sees."""
+
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _FunctionLog(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_subclass_torch_function_sees_the_operators(gen):
+    x = randn(gen, 1, 3, 8, 8).as_subclass(_Traced)
+    _Traced.seen = []
+    levels = msfast.pyramid(x, [0.5])
+    msfast.upsample_concat([x, levels[0]], (8, 8))
+    msfast.upsample_concat([x], (8, 8), out=torch.empty(1, 3, 8, 8).as_subclass(_Traced))
+    assert OPS.pyramid.default in _Traced.seen
+    assert OPS.upsample_concat.default in _Traced.seen
+    assert OPS.upsample_concat.out in _Traced.seen
+
+
+def test_torch_function_mode_sees_the_operators(gen):
+    x = randn(gen, 1, 3, 8, 8)
+    with _FunctionLog() as log:
+        levels = msfast.pyramid(x, [0.5])
+        out = msfast.upsample_concat([x, levels[0]], (8, 8))
+        msfast.upsample_concat([x, levels[0]], (8, 8), out=torch.empty_like(out))
+    assert {OPS.pyramid.default, OPS.upsample_concat.default, OPS.upsample_concat.out} <= set(log.seen)
+    torch.testing.assert_close(levels[0], ref_pyramid(x, [0.5])[0], **tol(torch.float32))
+
+
+def test_torch_dispatch_mode_and_profiler_see_the_direct_route(gen, monkeypatch):
+    """The typed entry points go through the dispatcher, which hands the call to a
+    torch_dispatch mode and records it for the profiler."""
+    monkeypatch.setattr(_ops, "_OPS", _NoTorchOps())
+    x = randn(gen, 1, 3, 8, 8)
+    with _DispatchLog() as log:
+        levels = msfast.pyramid(x, [0.5])
+        msfast.upsample_concat([x, levels[0]], (8, 8))
+    assert OPS.pyramid.default in log.seen and OPS.upsample_concat.default in log.seen
+    with torch.profiler.profile() as prof:
+        msfast.pyramid(x, [0.5])
+        msfast.upsample_concat([x], (4, 4))
+    names = {e.key for e in prof.key_averages()}
+    assert {"msfast::pyramid", "msfast::upsample_concat"} <= names, names
+
+
+def test_compile_traces_torch_ops(gen):
+    """Under torch.compile the wrapper calls torch.ops (Dynamo cannot trace an extension's
+    function): one graph, no break, same values."""
+    x = randn(gen, 1, 3, 16, 12)
+    feats = _concat_inputs(gen, "cpu")
+
+    def f(x, feats):
+        return msfast.pyramid(x, [1.0, 0.5])[1].sum() + msfast.upsample_concat(feats, (6, 6)).sum()
+
+    explained = torch._dynamo.explain(f)(x, feats)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch.testing.assert_close(torch.compile(f, backend="eager")(x, feats), f(x, feats), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------ autograd records only where needed
+
+
+def test_no_graph_without_grad(gen):
+    x = randn(gen, 1, 3, 8, 8, requires_grad=True)
+    plain = randn(gen, 1, 3, 8, 8)
+    with torch.no_grad():
+        assert msfast.pyramid(x, [0.5])[0].grad_fn is None
+        assert not msfast.upsample_concat([x, plain], (4, 4)).requires_grad
+    with torch.inference_mode():
+        level = msfast.pyramid(x, [0.5])[0]
+        assert level.is_inference() and not level.requires_grad
+    # grad mode, but no input requires grad
+    assert not msfast.pyramid(plain, [0.5])[0].requires_grad
+    assert not msfast.upsample_concat([plain, plain], (4, 4)).requires_grad
+    # one input of several requires grad: a graph, and the gradient reaches it
+    out = msfast.upsample_concat([plain, x], (4, 4))
+    assert "UpsampleConcatFn" in out.grad_fn.name()
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.shape == x.shape and g.abs().sum() > 0
+
+
+def test_backward_ops_without_grad_record_nothing(gen):
+    """The backward operators called directly, no input requiring grad: plain results."""
+    g = randn(gen, 1, 3, 4, 4)
+    gx = OPS.pyramid_backward([g, None], [1, 3, 8, 8], [0.5, 1.0], "bilinear", False, False, None,
+                              torch.float32, False)
+    assert gx.grad_fn is None and gx.shape == (1, 3, 8, 8)
+    parts = OPS.upsample_concat_backward(randn(gen, 1, 5, 6, 6), [2, 3, 3, 3, 4, 4], "bilinear", False, False)
+    assert [p.shape[1] for p in parts] == [2, 3] and all(p.grad_fn is None for p in parts)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_ad_raises(grad_mode, gen):
+    """Forward-mode AD is not implemented: a dual input raises rather than losing its tangent,
+    in grad mode and without it."""
+    x, t = randn(gen, 1, 3, 8, 8), randn(gen, 1, 3, 8, 8)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        dual = fwAD.make_dual(x, t)
+        with pytest.raises(RuntimeError, match="jvp"):
+            msfast.pyramid(dual, [0.5])
+        with pytest.raises(RuntimeError, match="jvp"):
+            msfast.upsample_concat([x, dual], (4, 4))
