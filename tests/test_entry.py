@@ -225,3 +225,49 @@ def test_forward_ad_raises(grad_mode, gen):
             msfast.pyramid(dual, [0.5])
         with pytest.raises(RuntimeError, match="jvp"):
             msfast.upsample_concat([x, dual], (4, 4))
+
+
+# ------------------------------------------------------------ the cache of checked arguments
+
+
+def test_checked_arguments_are_reused(gen):
+    from msfast import _args
+
+    x = randn(gen, 2, 3, 20, 30)
+    _args._PYRAMID_ARGS.clear()
+    a = _args.pyramid_args(x, [1.0, 0.5], None, "bilinear", None, None, [0.1, 0.2, 0.3], None, None)
+    b = _args.pyramid_args(x.clone(), [1.0, 0.5], None, "bilinear", None, None, [0.1, 0.2, 0.3], None, None)
+    assert a is b and len(_args._PYRAMID_ARGS) == 1
+    assert a.sizes == [(20, 30), (10, 15)] and a.antialias is True and a.mean == [0.1, 0.2, 0.3]
+    # another shape, another entry with its own sizes
+    c = _args.pyramid_args(randn(gen, 2, 3, 8, 6), [1.0, 0.5], None, "bilinear", None, None, [0.1, 0.2, 0.3],
+                           None, None)
+    assert c.sizes == [(8, 6), (4, 3)] and len(_args._PYRAMID_ARGS) == 2
+    # values without an exact key (a tensor mean) are checked every time, not stored
+    mean = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    d = _args.pyramid_args(x, [1.0, 0.5], None, "bilinear", None, None, mean, None, None)
+    assert d.mean == a.mean and len(_args._PYRAMID_ARGS) == 2
+    for i in range(_args._PYRAMID_ARGS_MAX + 10):
+        _args.pyramid_args(x, [1.0 + i], None, "nearest", None, None, None, None, None)
+    assert 0 < len(_args._PYRAMID_ARGS) <= _args._PYRAMID_ARGS_MAX
+
+
+# Calls equal (==) to a valid, already cached call, which must still raise: True == 1 == 1.0.
+CONFLATED = [
+    (dict(scales=[1, 0.5]), dict(scales=[True, 0.5]), TypeError, "scales"),
+    (dict(scales=[0.5], antialias=True), dict(scales=[0.5], antialias=1), TypeError, "antialias"),
+    (dict(scales=[0.5], align_corners=False), dict(scales=[0.5], align_corners=0), TypeError, "align_corners"),
+    (dict(sizes=[(1, 5)]), dict(sizes=[(True, 5)]), TypeError, "sizes"),
+    (dict(scales=[0.5], mean=[1, 0, 0]), dict(scales=[0.5], mean=[True, 0, 0]), TypeError, "mean"),
+    (dict(scales=[0.5], std=[1, 1, 1]), dict(scales=[0.5], std=[True, 1, 1]), TypeError, "std"),
+]
+
+
+@pytest.mark.parametrize("valid,bad,exc,name", CONFLATED, ids=[c[3] for c in CONFLATED])
+def test_cached_arguments_do_not_admit_equal_bad_ones(valid, bad, exc, name, gen):
+    x = randn(gen, 1, 3, 8, 10)
+    good = msfast.pyramid(x, **valid)
+    torch.testing.assert_close(good[0], ref_pyramid(x, **valid)[0], **tol(torch.float32))
+    for _ in range(2):
+        with pytest.raises(exc, match=name):
+            msfast.pyramid(x, **bad)
