@@ -74,12 +74,19 @@ def _host_parts() -> None:
     x = torch.randn(1, 3, 224, 224, device="cuda")
     scales = [1.0, 0.5, 0.25]
     a = _args.pyramid_args(x, scales, None, "bilinear", True, None, None, None, None)
-    flat = _ops._flat(a.sizes)
+    flat = a.flat
     with torch.no_grad():
         parts = {
             "msfast.pyramid": lambda: _ops.pyramid(x, scales, mode="bilinear", antialias=True),
-            "pyramid_args (Python checks)": lambda: _args.pyramid_args(x, scales, None, "bilinear", True, None,
-                                                                       None, None, None),
+            "msfast.reference.pyramid (eager)": lambda: _ops.reference.pyramid(x, scales, mode="bilinear",
+                                                                               antialias=True),
+            "pyramid_args (Python checks, cached)": lambda: _args.pyramid_args(x, scales, None, "bilinear", True,
+                                                                               None, None, None, None),
+            "Python checks, uncached": lambda: _args._check_pyramid_args(x, scales, None, "bilinear", True, None,
+                                                                         None, None, None),
+            "msfast._C.pyramid (typed entry)": lambda: _ops._C.pyramid(x, flat, a.scales, a.mode, a.antialias,
+                                                                       a.align_corners, a.mean, a.std,
+                                                                       a.out_dtype),
             "torch.ops.msfast.pyramid": lambda: _ops._OPS.pyramid(x, flat, a.scales, a.mode, a.antialias,
                                                                   a.align_corners, a.mean, a.std, a.out_dtype),
             "three torch.empty on cuda": lambda: [torch.empty(1, 3, 112, 112, device="cuda") for _ in range(3)],

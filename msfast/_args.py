@@ -24,6 +24,7 @@ class PyramidArgs(NamedTuple):
     call to build, a twentieth of a small CPU call)."""
 
     sizes: list  # [(h, w)] per level, ints or SymInts
+    flat: list  # the same sizes as [h0, w0, h1, w1, ...], as the operator takes them
     scales: list | None  # per level, or None when given by size
     mode: str
     antialias: bool
@@ -267,7 +268,8 @@ def _check_pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, 
         def name(k=k):
             return f"scales[{k}]={scales[k]}" if scales is not None else f"sizes[{k}]"
         _check_fits((N, C, h, w), out_dtype, name, f"level {k}")
-    return PyramidArgs(out_sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
+    flat = [v for hw in out_sizes for v in hw]
+    return PyramidArgs(out_sizes, flat, scales, mode, antialias, align_corners, mean, std, out_dtype)
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:

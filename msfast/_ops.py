@@ -137,6 +137,8 @@ def _cuda_arch_ok(device: torch.device) -> bool:
 
 
 def _use_kernels(device: torch.device) -> bool:
+    if device.type == "cpu" and _C is not None:  # the common case first, without two more calls
+        return True
     if kernels_available(device.type):
         return device.type != "cuda" or _cuda_arch_ok(device)
     if _C is not None and device.type not in _warned_devices:
@@ -152,10 +154,6 @@ def _use_kernels(device: torch.device) -> bool:
             stacklevel=3,
         )
     return False
-
-
-def _flat(pairs):
-    return [v for hw in pairs for v in hw]
 
 
 _tf_mode = torch._C._is_torch_function_mode_enabled
@@ -216,7 +214,7 @@ def pyramid(
         return reference.pyramid(x, scales, sizes, mode=mode, antialias=antialias, align_corners=align_corners,
                                  mean=mean, std=std, out_dtype=out_dtype)
     op = _C.pyramid if _direct(x) else _OPS.pyramid
-    return op(x, _flat(a.sizes), a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
+    return op(x, a.flat, a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
 
 
 def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bool | None = None,
