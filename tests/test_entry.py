@@ -182,6 +182,22 @@ def test_compile_traces_torch_ops(gen):
     torch.testing.assert_close(torch.compile(f, backend="eager")(x, feats), f(x, feats), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_operators(gen, monkeypatch):
+    """torch.jit.trace records calls at the dispatcher, so the typed entry points are traced."""
+    monkeypatch.setattr(_ops, "_OPS", _NoTorchOps())
+
+    def f(x, y):
+        return msfast.pyramid(x, [1.0, 0.5])[1] * 2 + msfast.upsample_concat([x, y], (4, 4))[:, :3]
+
+    traced = torch.jit.trace(f, (randn(gen, 1, 3, 8, 8), randn(gen, 1, 2, 4, 4)))
+    kinds = {n.kind() for n in traced.graph.nodes()}
+    assert {"msfast::pyramid", "msfast::upsample_concat"} <= kinds, kinds
+    x, y = randn(gen, 1, 3, 8, 8), randn(gen, 1, 2, 4, 4)
+    torch.testing.assert_close(traced(x, y), f(x, y), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------ autograd records only where needed
 
 
