@@ -47,12 +47,17 @@ bool records(at::TensorList ts) {
   return false;
 }
 
+// Every Function below sets ctx->set_materialize_grads(false), so that
+// an output without a gradient (a pyramid level the loss does not use) reaches backward as
+// an undefined tensor rather than a tensor of zeros that would be allocated, filled and then
+// resampled for nothing. Each backward handles undefined gradients.
 struct PyramidFn : torch::autograd::Function<PyramidFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, c10::SymIntArrayRef sizes,
                                OptDoubles scales, std::string mode, bool antialias, bool align_corners,
                                OptDoubles mean, OptDoubles std, std::optional<at::ScalarType> out_dtype) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto outs = pyramid_op().call(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype);
+    ctx->set_materialize_grads(false);  // see above PyramidFn
     auto& d = ctx->saved_data;
     d["shape"] = c10::IValue(x.sym_sizes().vec());
     d["scales"] = keep(scales);
@@ -67,7 +72,12 @@ struct PyramidFn : torch::autograd::Function<PyramidFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto& d = ctx->saved_data;
     c10::List<std::optional<at::Tensor>> g;
-    for (auto& t : grads) g.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+    bool any = false;
+    for (auto& t : grads) {
+      g.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+      any = any || t.defined();
+    }
+    if (!any) return variable_list(9);
     const auto scales = unkeep(d["scales"]), std = unkeep(d["std"]);
     const auto shape = d["shape"].toSymIntVector();
     const std::string mode = d["mode"].toStringRef();
@@ -97,6 +107,7 @@ struct PyramidBackwardFn : torch::autograd::Function<PyramidBackwardFn> {
       hw.push_back(t.sym_size(2));
       hw.push_back(t.sym_size(3));
     }
+    ctx->set_materialize_grads(false);  // see above PyramidFn
     auto& d = ctx->saved_data;
     d["live"] = c10::IValue(live);
     d["hw"] = c10::IValue(hw);
@@ -137,6 +148,7 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
     std::vector<c10::SymInt> shapes;
     for (const auto& f : features)
       for (int64_t i = 1; i < 4; ++i) shapes.push_back(f.sym_size(i));
+    ctx->set_materialize_grads(false);  // see above PyramidFn
     auto& d = ctx->saved_data;
     d["shapes"] = c10::IValue(shapes);
     d["mode"] = mode;
@@ -164,6 +176,7 @@ struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwa
                                std::string mode, bool align_corners, bool channels_last) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto grads = upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last);
+    ctx->set_materialize_grads(false);  // see above PyramidFn
     auto& d = ctx->saved_data;
     d["shapes"] = c10::IValue(feature_shapes.vec());
     d["H"] = grad.sym_size(2);

@@ -202,6 +202,46 @@ def test_pyramid_unused_levels(used, by, device, gen):
     torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL)
 
 
+def test_unused_levels_get_no_zero_gradients(device, gen):
+    """A level the loss does not use reaches the backward as None, not as a tensor of zeros
+    allocated, filled and resampled for nothing (set_materialize_grads(false))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func, args))
+            return func(*args, **(kwargs or {}))
+
+    x = randn(gen, 2, 3, 16, 12, device=device, requires_grad=True)
+    levels = msfast.pyramid(x, [1.0, 0.5, 0.25])
+    with Log() as log:
+        levels[1].sum().backward()
+    grads = [a[0] for f, a in log.calls if f == torch.ops.msfast.pyramid_backward.default]
+    assert len(grads) == 1 and grads[0][0] is None and grads[0][2] is None and grads[0][1] is not None
+    names = {str(f) for f, _ in log.calls}
+    assert not any("zero" in n or "fill" in n for n in names), names
+    xr = x.detach().requires_grad_(True)
+    ref_pyramid(xr, [1.0, 0.5, 0.25])[1].sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, **GRAD_TOL)
+    # a graph that reaches the pyramid with no gradient at all (a backward returning None)
+
+    class Cut(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    gx = torch.autograd.grad(Cut.apply(levels[0]).sum(), x, allow_unused=True)[0]
+    assert gx is None
+
+
 def test_pyramid_unused_levels_double_backward(device, gen):
     x = randn(gen, 1, 2, 7, 9, dtype=torch.float64, device=device, requires_grad=True)
     fn = lambda x: msfast.pyramid(x, scales=SCALES, mode="bilinear")[1]
