@@ -140,12 +140,13 @@ _NUMBER = (float, int)  # exactly these types (not bool, not numpy scalars: no k
 
 def _numbers_key(v):
     """v as a hashable key: None, a number, or a list/tuple of plain floats and ints; False where v
-    is anything else (such calls are checked every time)."""
+    is anything else (such calls are checked every time), or holds -0.0: it equals 0.0, but a
+    mean of -0.0 gives +0.0 where a mean of 0.0 gives -0.0 (for x = -0.0), as in the reference."""
     if v is None or type(v) in _NUMBER:
         return v
     if type(v) in (list, tuple):
         for e in v:
-            if type(e) not in _NUMBER:
+            if type(e) not in _NUMBER or (e == 0 and math.copysign(1.0, e) < 0):
                 return False
         return tuple(v)
     return False

@@ -279,6 +279,17 @@ CONFLATED = [
 ]
 
 
+def test_cached_arguments_keep_the_sign_of_zero(gen):
+    """mean=[-0.0] equals mean=[0.0] in Python, but not in its results: x = -0.0 minus 0.0 is
+    -0.0, minus -0.0 is +0.0 (in the reference path too)."""
+    x = torch.zeros(1, 3, 4, 4).neg_()
+    for mean, sign in (([0.0] * 3, -1.0), ([-0.0] * 3, 1.0), ([0.0] * 3, -1.0)):
+        got = msfast.pyramid(x, [1.0], mode="nearest", mean=mean)[0]
+        want = ref_pyramid(x, [1.0], mode="nearest", mean=mean)[0]
+        assert torch.equal(torch.copysign(torch.ones_like(got), got), torch.full_like(got, sign))
+        assert torch.equal(torch.copysign(torch.ones_like(want), want), torch.full_like(want, sign))
+
+
 @pytest.mark.parametrize("valid,bad,exc,name", CONFLATED, ids=[c[3] for c in CONFLATED])
 def test_cached_arguments_do_not_admit_equal_bad_ones(valid, bad, exc, name, gen):
     x = randn(gen, 1, 3, 8, 10)
