@@ -104,11 +104,13 @@ def _interleaving(case: str, pass_: str, reps: int = 15) -> None:
     v = bench.Variant(case, "float32", "nchw", pass_, "cuda", False)
     p = bench.prepare(v)
     ms, ref = bench.step_fn(p, p.run_msfast), bench.step_fn(p, p.run_ref)
-    both = bench.time_interleaved({"eager": ref, "msfast": ms}, "cuda", reps)
-    alone = bench.time_interleaved({"msfast": ms}, "cuda", reps)
+    calls_both, calls_alone = {}, {}
+    both = bench.time_interleaved({"eager": ref, "msfast": ms}, "cuda", reps, calls=calls_both)
+    alone = bench.time_interleaved({"msfast": ms}, "cuda", reps, calls=calls_alone)
     med = {k: sorted(t)[len(t) // 2] for k, t in both.items()}
     print(f"timing {case} {pass_}: interleaved eager {med['eager']:.3f} ms, msfast {med['msfast']:.3f} ms; "
-          f"msfast alone {sorted(alone['msfast'])[reps // 2]:.3f} ms (medians of {reps} samples)")
+          f"msfast alone {sorted(alone['msfast'])[reps // 2]:.3f} ms (medians of {reps} samples; calls a "
+          f"sample: interleaved {calls_both}, alone {calls_alone})")
 
 
 def main() -> None:

@@ -99,6 +99,7 @@ def test_bench_times_the_dtypes_of_a_case_together(capsys):
     want = [(v.case, v.dtype, v.layout, v.pass_) for v in bench.variants("cpu", ["pyramid_n1"], quick=True)]
     assert [(r["case"], r["dtype"], r["layout"], r["pass"]) for r in result["rows"]] == want
     assert all(r["msfast_ms"] > 0 and r["eager_ms"] > 0 and r["compile_ms"] is None for r in result["rows"])
+    assert all(r["calls_per_sample"] == {"eager": 1, "msfast": 1} for r in result["rows"])  # CPU: one
     progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert len(progress) == 2 and all("float32" in line and "bfloat16" in line for line in progress)
 
@@ -119,6 +120,18 @@ def test_bench_roofline_copy_is_the_fastest_copy(capsys):
     assert set(env["copy_GBps_by_kind"]) == {"torch", "streaming"}
     assert env["copy_GBps"] == max(env["copy_GBps_by_kind"].values())
     assert "best of torch" in capsys.readouterr().err
+
+
+def test_bench_calls_per_sample_ignore_a_slow_first_call(monkeypatch):
+    """On a GPU a sample times several calls, as many as fit 5 ms by the fastest of three single
+    calls: a first call with a one-time cost must not cut a sample to one call."""
+    from msfast import bench
+
+    monkeypatch.setattr(bench, "_sync", lambda device: None)
+    sleeps = iter([0.05] + [0.001] * 10)
+    n = bench._calls_per_sample(lambda: time.sleep(next(sleeps)), "cuda")
+    assert 2 <= n <= 5
+    assert bench._calls_per_sample(lambda: None, "cpu") == 1
 
 
 def test_bench_ratio_interval():
