@@ -317,13 +317,42 @@ def _parse(stdout: str) -> dict:
     return results
 
 
-def test_raw_ops_bad_arguments_raise_and_do_not_crash():
-    proc = run_python(_raw_script(RAW_ERRORS))
+# The same table through msfast._C's typed entry points (csrc/module.cpp; the backward operators
+# have none and stay torch.ops): the operators' own checks raise the same exceptions there.
+# Where pybind11 rejects an argument's type before the operator runs, it raises TypeError.
+_ENTRY_PRELUDE = """
+class _Entry:
+    pyramid = staticmethod(msfast._C.pyramid)
+    pyramid_backward = ops.pyramid_backward
+    upsample_concat_backward = ops.upsample_concat_backward
+
+    class upsample_concat:
+        def __new__(cls, *args):
+            return msfast._C.upsample_concat(*args)
+
+        @staticmethod
+        def out(*args, out):
+            return msfast._C.upsample_concat_out(*args, out)
+
+
+ops = _Entry
+"""
+ENTRY_TYPE_ERRORS = {"pyr_sizes_wrong_type": ("TypeError",), "pyr_x_none": ("TypeError",)}
+
+
+@pytest.mark.parametrize("route", ["torch.ops", "entry"])
+def test_raw_ops_bad_arguments_raise_and_do_not_crash(route):
+    script = _raw_script(RAW_ERRORS)
+    if route == "entry":
+        script = script.replace("\n\ndef run(", textwrap.dedent(_ENTRY_PRELUDE) + "\n\ndef run(", 1)
+    proc = run_python(script)
     assert proc.returncode == 0, f"the process died (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert proc.stdout.rstrip().endswith("DONE")
     results = _parse(proc.stdout)
-    wrong = {name: results.get(name) for name, (_, expected) in RAW_ERRORS.items()
-             if results.get(name) not in expected}
+    expect = {name: expected for name, (_, expected) in RAW_ERRORS.items()}
+    if route == "entry":
+        expect.update(ENTRY_TYPE_ERRORS)
+    wrong = {name: results.get(name) for name, expected in expect.items() if results.get(name) not in expected}
     assert not wrong, f"unexpected outcome (OK = no exception): {wrong}\n{proc.stdout}"
 
 
