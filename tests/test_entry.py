@@ -230,6 +230,7 @@ def test_backward_ops_without_grad_record_nothing(gen):
     assert [p.shape[1] for p in parts] == [2, 3] and all(p.grad_fn is None for p in parts)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD scripts a helper on first use
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
 def test_forward_ad_raises(grad_mode, gen):
     """Forward-mode AD is not implemented: a dual input raises rather than losing its tangent,
