@@ -31,6 +31,9 @@ std::atomic<bool>& staged_rows();  // csrc/cpu/gather_cpu.cpp
 std::atomic<int64_t>& tiled_calls();  // csrc/cpu/gather_cpu.cpp
 bool set_cuda_tiles(bool on);  // csrc/cpu/gather_cpu.cpp
 bool set_cuda_grid_resident(bool on);  // csrc/cpu/gather_cpu.cpp
+std::atomic<bool>& table_cache_check();  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& table_cache_hits();  // csrc/cpu/gather_cpu.cpp
+std::atomic<int64_t>& table_cache_misses();  // csrc/cpu/gather_cpu.cpp
 
 namespace {
 using Doubles = std::optional<std::vector<double>>;
@@ -85,6 +88,14 @@ PYBIND11_MODULE(_C, m) {
         "Whether the CUDA gather kernel's grid is as many blocks as fit at once instead of 32 an SM "
         "(default: on when MSFAST_CUDA_GRID=resident, off otherwise, as it has not yet run on a GPU); "
         "returns the previous setting");
+  m.def("_table_cache", []() {
+        return pybind11::make_tuple(msfast::table_cache_hits().load(), msfast::table_cache_misses().load());
+      },
+        "Testing hook: (hits, misses) of the gather path's cache of tap tables (CUDA, or the CPU runners "
+        "'gather' and 'tiles')");
+  m.def("_set_table_cache_check", [](bool on) { return msfast::table_cache_check().exchange(on); },
+        "Testing hook: whether every hit of the tap-table cache is compared with tables built afresh (an "
+        "internal error where they differ); returns the previous setting");
   m.def("_small_plane_jobs", []() { return msfast::small_jobs_planned().load(); },
         "Testing hook: how many NCHW jobs the CPU kernels have run with the small-plane path");
   m.def("_stencil_terms", []() { return msfast::stencil_terms_planned().load(); },

@@ -32,6 +32,12 @@ INTERPOLATING = ("bilinear", "bicubic")
 
 CUDA_OK = torch.cuda.is_available() and msfast.kernels_available("cuda")
 
+# Every hit of the gather path's tap-table cache (CUDA, and the CPU runners of its code) is
+# compared with tables built afresh for the call, throughout the suite: a key that missed
+# something the tables depend on fails whichever test made two such calls.
+if msfast.fallback_reason() is None:
+    msfast._ops._C._set_table_cache_check(True)
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(

@@ -11,6 +11,8 @@ past 2^31 elements would take on a GPU.) "tiles" and "tiles64" run the CUDA tile
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import GRAD_TOL, make_input, randn, ref_pyramid, ref_upsample_concat, tol
@@ -44,6 +46,33 @@ def runner(request):
         yield request.param
     finally:
         _ops._C._set_cpu_runner("native")
+
+
+_UNIQUE = itertools.count(1)
+
+
+def test_tap_tables_are_built_once_per_key(runner, gen):
+    """The gather path builds a call's tap tables once per key (msfast/gather_plan.h:
+    gather_tables) and checks every later hit against a fresh build (tests/conftest.py)."""
+    x = randn(gen, 2, 3, 19, 23)
+    u = next(_UNIQUE) * 1e-3  # tables are kept across tests: keys no earlier call made
+    kw = dict(scales=[1.0, 0.6, 1.9], mode="bicubic", mean=[0.1, 0.2, 0.3 + u], std=[1.5, 0.5, 2.0])
+    first = msfast.pyramid(x, **kw)
+    hits, misses = _ops._C._table_cache()
+    again = msfast.pyramid(randn(gen, 2, 3, 19, 23), **kw)
+    assert _ops._C._table_cache() == (hits + 1, misses)
+    # tables depend on the axes, not on N or on the data: a batch of 5 hits too
+    x5 = randn(gen, 5, 3, 19, 23)
+    more = msfast.pyramid(x5, **kw)
+    assert _ops._C._table_cache() == (hits + 2, misses)
+    # anything they depend on is a new key: align_corners, the affine, the direction
+    msfast.pyramid(x, **dict(kw, align_corners=True))
+    msfast.pyramid(x, **dict(kw, mean=[0.1, 0.2, 0.4 + u]))
+    assert _ops._C._table_cache() == (hits + 2, misses + 2)
+    for got, inp in ((first, x), (more, x5)):
+        for g, r in zip(got, ref_pyramid(inp, **kw)):
+            torch.testing.assert_close(g, r, **tol(torch.float32, upscale=True))
+    assert [t.shape for t in again] == [t.shape for t in first] and more[0].shape[0] == 5
 
 
 def _native(fn):

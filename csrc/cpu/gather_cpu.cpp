@@ -56,6 +56,21 @@ std::atomic<int64_t>& tiled_calls() {
   return n;
 }
 
+std::atomic<bool>& table_cache_check() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
+std::atomic<int64_t>& table_cache_hits() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
+std::atomic<int64_t>& table_cache_misses() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 namespace {
 // Whether environment variable `name` is `value`: the CUDA switches' defaults, read at first use.
 bool env_is(const char* name, const char* value) {
@@ -104,12 +119,13 @@ void run_tiles_cpu(const Plan& g, const TilePlan<typename Plan::index_t>& tp) {
     std::vector<A> win(tp.window);
     for (int64_t t = begin; t < end; ++t) {
       const TilePos<I> p = tile_pos<I>(tp.jobs.data(), g.jobs.data(), static_cast<int>(g.jobs.size()), g.terms.data(),
-                                       g.starts.data(), static_cast<U>(t));
+                                       g.tab->starts.data(), static_cast<U>(t));
       const GJob<I>& j = g.jobs[p.job];
       const GTerm<I>& tm = g.terms[j.first_term];
       for (I th = 0; th < kTileThreads; ++th) tile_stage<S, A, I>(tm, p, win.data(), th, I{kTileThreads});
       for (I th = 0; th < kTileThreads; ++th)
-        tile_column<D, A, I>(j, tm, p, g.starts.data(), g.weights.data(), win.data(), th, I{kTileThreads});
+        tile_column<D, A, I>(j, tm, p, g.tab->starts.data(), g.tab->weights.data(), win.data(), th,
+                             I{kTileThreads});
     }
   });
   tiled_calls().fetch_add(1);
@@ -133,8 +149,9 @@ void run_gather_cpu(const std::vector<Job>& jobs) {
       }
       at::parallel_for(0, g.total, 1024, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
-          gather_item<typename Plan::Shape, S, D, A, I>(g.jobs.data(), static_cast<int>(g.jobs.size()), g.terms.data(), g.starts.data(),
-                                  g.weights.data(), static_cast<U>(i));
+          gather_item<typename Plan::Shape, S, D, A, I>(g.jobs.data(), static_cast<int>(g.jobs.size()),
+                                                        g.terms.data(), g.tab->starts.data(),
+                                                        g.tab->weights.data(), static_cast<U>(i));
       });
     });
   });

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -69,8 +70,9 @@ resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ d
 // Host-side blob builder: 16-byte aligned appends.
 struct Blob {
   std::vector<char> bytes;
+  static size_t aligned(size_t n) { return (n + 15) / 16 * 16; }
   int64_t put(const void* p, size_t n) {
-    const size_t off = (bytes.size() + 15) / 16 * 16;
+    const size_t off = aligned(bytes.size());
     bytes.resize(off + n);
     if (n) std::memcpy(bytes.data() + off, p, n);
     return static_cast<int64_t>(off);
@@ -85,9 +87,10 @@ struct Blob {
 // A blob on the device, copied on `stream` (resample_cuda.cu).
 at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream, bool capturing);
 
-// The device copy of a call's tables, from the cache or uploaded now (resample_cuda.cu).
-at::Tensor device_tables(const std::string& key, const Blob& b, const at::Device& device, cudaStream_t stream,
-                         bool capturing);
+// The device copy of a call's tables, from the cache or uploaded now (resample_cuda.cu);
+// `make` builds the host blob, only where an upload is needed.
+at::Tensor device_tables(const std::string& key, const std::function<Blob()>& make, const at::Device& device,
+                         cudaStream_t stream, bool capturing);
 
 inline bool stream_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -124,10 +127,17 @@ CallData<acc_t> call_data(const Plan& g, const Blob& desc, const at::Device& dev
   } else {
     c.desc_dev = upload(desc, device, stream, capturing);
   }
-  Blob tables;
-  tables.put(g.starts.data(), g.starts.size() * sizeof(int32_t));
-  c.weights_off = tables.put(g.weights.data(), g.weights.size() * sizeof(acc_t));
-  c.tab = device_tables(g.key, tables, device, stream, capturing);
+  // [starts][weights], as the host tables (GatherTables, shared between calls of one key) are
+  // copied to the device only where the device cache has no copy yet.
+  const GatherTables<acc_t>& t = *g.tab;
+  c.weights_off = static_cast<int64_t>(Blob::aligned(t.starts.size() * sizeof(int32_t)));
+  auto make = [&] {
+    Blob b;
+    b.put(t.starts.data(), t.starts.size() * sizeof(int32_t));
+    TORCH_INTERNAL_ASSERT(b.put(t.weights.data(), t.weights.size() * sizeof(acc_t)) == c.weights_off);
+    return b;
+  };
+  c.tab = device_tables(t.key, make, device, stream, capturing);
   return c;
 }
 

@@ -67,7 +67,7 @@ at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream, 
 }
 
 // The tap tables of a call ([starts][weights]) stay on the device, keyed by what they depend
-// on (GatherPlan::key): a training or serving loop calls with the same shapes again and
+// on (GatherTables::key): a training or serving loop calls with the same shapes again and
 // again, and a per-call upload (a pinned block, a copy, an event) costs every call host time. The cache holds at most kTableCacheBytes and then stops growing; an
 // entry is never freed, so a CUDA graph that captured its address can always replay.
 constexpr int64_t kTableCacheBytes = int64_t{64} << 20;
@@ -95,8 +95,8 @@ TableCache& table_cache() {
 // stream is used on another only after its copy: once the copy is known complete the entry
 // is marked ready; before that a call waits for its event, and a call being captured (where
 // that wait cannot be recorded) uploads its own copy instead.
-at::Tensor device_tables(const std::string& key, const Blob& b, const at::Device& device, cudaStream_t stream,
-                         bool capturing) {
+at::Tensor device_tables(const std::string& key, const std::function<Blob()>& make, const at::Device& device,
+                         cudaStream_t stream, bool capturing) {
   auto& cache = table_cache();
   std::string k = key;
   key_append(k, device.index());
@@ -119,9 +119,9 @@ at::Tensor device_tables(const std::string& key, const Blob& b, const at::Device
       }
       return e->t;
     }
-    return upload(b, device, stream, true);
+    return upload(make(), device, stream, true);
   }
-  at::Tensor t = upload(b, device, stream, capturing);
+  at::Tensor t = upload(make(), device, stream, capturing);
   const int64_t n = t.numel();
   if (capturing) return t;
   std::lock_guard<std::mutex> g(cache.mu);

@@ -1,13 +1,17 @@
 // Host side of the gather kernel (msfast/gather.h): a call's jobs turned into descriptors and
-// one starts[] / weights[] pair of arrays holding every tap table. Built identically for the
-// CUDA kernel and for the CPU run of the same kernel code (csrc/cpu/gather_cpu.cpp).
+// one starts[] / weights[] pair of arrays holding every tap table (built once per key and
+// shared by the calls that have it). Built identically for the CUDA kernel and for the CPU run
+// of the same kernel code (csrc/cpu/gather_cpu.cpp).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "msfast/gather.h"
@@ -15,18 +19,36 @@
 
 namespace msfast {
 
+// A call's tap tables: every term's vertical and horizontal tables (start[] as int32, weights
+// tap-major) and each job's affine, concatenated in the jobs' and terms' order, with where each
+// term's tables and each job's affine sit. A pure function of `key`, so it is built once per key
+// and shared (gather_tables): a training or serving loop calls with the same shapes again and
+// again, and building the tables took most of the host time of a small call's plan.
+template <typename acc_t>
+struct GatherTables {
+  struct TermTables {
+    int64_t ys, yw, xs, xw;  // offsets of the vertical / horizontal start[] and weights
+    int32_t Ky, Kx;
+  };
+  std::vector<int32_t> starts;
+  std::vector<acc_t> weights;
+  std::vector<TermTables> terms;  // every term of every job, in order
+  std::vector<int64_t> affine;    // per job: offset of scale[C], shift[C] in weights, or -1
+  bool short_taps = true;         // every term has 1 or 2 taps along each axis (UpscaleShape)
+  // Everything the tables depend on (each term's axes and direction, each job's affine, the
+  // accumulation type): equal keys, equal tables. The CUDA launcher keeps device copies by it.
+  std::string key;
+  bool operator==(const GatherTables& o) const;
+};
+
 template <typename acc_t, typename I, typename Shape_>
 struct GatherPlan {
   using index_t = I;
   using Shape = Shape_;
   std::vector<GJob<I>> jobs;
   std::vector<GTerm<I>> terms;
-  std::vector<int32_t> starts;
-  std::vector<acc_t> weights;
+  std::shared_ptr<const GatherTables<acc_t>> tab;
   int64_t total = 0;  // work items
-  // Everything starts[] and weights[] depend on (each term's axes and direction, the affine,
-  // the accumulation type): equal keys, equal tables. The CUDA launcher caches tables by it.
-  std::string key;
 };
 
 template <typename T>
@@ -138,22 +160,127 @@ void put_strides(D& d, const View& v) {
   d.px = static_cast<I>(v.px);
 }
 
-template <typename acc_t, typename I, typename Shape>
-GatherPlan<acc_t, I, Shape> make_gather_plan(const std::vector<Job>& jobs) {
-  using U = std::make_unsigned_t<I>;
-  GatherPlan<acc_t, I, Shape> g;
-  key_append(g.key, sizeof(acc_t));
-  auto div = [](int64_t d) { return Divider<I>(static_cast<U>(std::max<int64_t>(d, 1))); };
+template <typename acc_t>
+bool GatherTables<acc_t>::operator==(const GatherTables& o) const {
+  auto same_terms = [&] {
+    for (size_t i = 0; i < terms.size(); ++i) {
+      const auto &a = terms[i], &b = o.terms[i];
+      if (a.ys != b.ys || a.yw != b.yw || a.xs != b.xs || a.xw != b.xw || a.Ky != b.Ky || a.Kx != b.Kx) return false;
+    }
+    return true;
+  };
+  return starts == o.starts && weights == o.weights && terms.size() == o.terms.size() && same_terms() &&
+         affine == o.affine && short_taps == o.short_taps && key == o.key;
+}
+
+// The key of a call's tables (see GatherTables::key): a tag per job and per axis, so that no
+// two sequences of segments share a key.
+template <typename acc_t>
+std::string tables_key(const std::vector<Job>& jobs) {
+  std::string k;
+  key_append(k, sizeof(acc_t));
+  for (const auto& job : jobs) {
+    k.push_back('j');
+    key_append(k, job.terms.size());
+    for (const auto& t : job.terms) {
+      key_append_axis(k, t.h, t.adjoint);
+      key_append_axis(k, t.w, t.adjoint);
+    }
+    if (!job.scale.empty()) {
+      k.push_back('a');
+      key_append(k, job.scale.size());
+      for (size_t c = 0; c < job.scale.size(); ++c) {
+        key_append(k, job.scale[c]);
+        key_append(k, job.shift[c]);
+      }
+    }
+  }
+  return k;
+}
+
+template <typename acc_t>
+GatherTables<acc_t> build_tables(const std::vector<Job>& jobs, std::string key) {
+  GatherTables<acc_t> g;
+  g.key = std::move(key);
   // Weights go in tap-major (gather.h: a warp's loads of one tap are then contiguous).
-  auto put = [&](const Table<acc_t>& t, I& s, I& w) {
-    s = static_cast<I>(g.starts.size());
+  auto put = [&](const Table<acc_t>& t, int64_t& s, int64_t& w) {
+    s = static_cast<int64_t>(g.starts.size());
     for (int64_t v : t.start) g.starts.push_back(static_cast<int32_t>(v));
-    w = static_cast<I>(g.weights.size());
+    w = static_cast<int64_t>(g.weights.size());
     g.weights.resize(g.weights.size() + t.w.size());
     for (int64_t o = 0; o < t.out; ++o)
       for (int64_t k = 0; k < t.K; ++k) g.weights[w + k * t.out + o] = t.w[o * t.K + k];
   };
   for (const auto& job : jobs) {
+    for (const auto& t : job.terms) {
+      const auto [th, tw] = term_tables<acc_t>(t);
+      typename GatherTables<acc_t>::TermTables tt;
+      tt.Ky = static_cast<int32_t>(th.K);
+      tt.Kx = static_cast<int32_t>(tw.K);
+      put(th, tt.ys, tt.yw);
+      put(tw, tt.xs, tt.xw);
+      g.short_taps = g.short_taps && th.K <= 2 && tw.K <= 2;
+      g.terms.push_back(tt);
+    }
+    g.affine.push_back(job.scale.empty() ? -1 : static_cast<int64_t>(g.weights.size()));
+    for (double v : job.scale) g.weights.push_back(static_cast<acc_t>(v));
+    for (double v : job.shift) g.weights.push_back(static_cast<acc_t>(v));
+  }
+  return g;
+}
+
+// Testing hooks (msfast._C._table_cache): whether every hit is checked against tables built
+// afresh (an internal error where they differ), and the hits and misses so far. Defined in
+// csrc/cpu/gather_cpu.cpp.
+std::atomic<bool>& table_cache_check();
+std::atomic<int64_t>& table_cache_hits();
+std::atomic<int64_t>& table_cache_misses();
+
+// A call's tables, from a process-wide cache by key or built now. At most kTablesCacheBytes of
+// tables are kept; when full the cache starts over (a shared entry lives on with its users).
+template <typename acc_t>
+std::shared_ptr<const GatherTables<acc_t>> gather_tables(const std::vector<Job>& jobs) {
+  constexpr size_t kTablesCacheBytes = size_t{64} << 20;
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::shared_ptr<const GatherTables<acc_t>>> cache;
+  static size_t bytes = 0;
+  std::string key = tables_key<acc_t>(jobs);
+  std::shared_ptr<const GatherTables<acc_t>> hit;
+  {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) hit = it->second;
+  }
+  if (hit) {
+    table_cache_hits().fetch_add(1, std::memory_order_relaxed);
+    if (table_cache_check().load())
+      TORCH_CHECK(build_tables<acc_t>(jobs, key) == *hit, "msfast: internal: cached tap tables differ from the call's");
+    return hit;
+  }
+  table_cache_misses().fetch_add(1, std::memory_order_relaxed);
+  auto t = std::make_shared<const GatherTables<acc_t>>(build_tables<acc_t>(jobs, key));
+  const size_t size = t->starts.size() * sizeof(int32_t) + t->weights.size() * sizeof(acc_t) + t->key.size();
+  std::lock_guard<std::mutex> g(mu);
+  if (bytes + size > kTablesCacheBytes) {
+    cache.clear();
+    bytes = 0;
+  }
+  if (size <= kTablesCacheBytes && cache.emplace(std::move(key), t).second) bytes += size;
+  return t;
+}
+
+template <typename acc_t, typename I, typename Shape>
+GatherPlan<acc_t, I, Shape> make_gather_plan(const std::vector<Job>& jobs,
+                                             std::shared_ptr<const GatherTables<acc_t>> tab) {
+  using U = std::make_unsigned_t<I>;
+  GatherPlan<acc_t, I, Shape> g;
+  g.tab = std::move(tab);
+  auto div = [](int64_t d) { return Divider<I>(static_cast<U>(std::max<int64_t>(d, 1))); };
+  size_t term = 0;  // the call's terms in order, as in the tables
+  for (size_t ji = 0; ji < jobs.size(); ++ji) {
+    const Job& job = jobs[ji];
+    const size_t first = term;
+    term += job.terms.size();
     const View dv = make_view(job.dst, job.channels_last);
     const int64_t items = job_items<Shape>(dv);
     if (items == 0) continue;
@@ -176,33 +303,23 @@ GatherPlan<acc_t, I, Shape> make_gather_plan(const std::vector<Job>& jobs) {
     gj.first_item = static_cast<U>(g.total);
     gj.first_term = static_cast<int32_t>(g.terms.size());
     gj.n_terms = static_cast<int32_t>(job.terms.size());
-    gj.affine = -1;
+    gj.affine = static_cast<I>(g.tab->affine[ji]);
     gj.channels = static_cast<I>(dv.channels);
     gj.cl = dv.cl;
-    for (const auto& t : job.terms) {
-      const auto [th, tw] = term_tables<acc_t>(t);
-      key_append_axis(g.key, t.h, t.adjoint);
-      key_append_axis(g.key, t.w, t.adjoint);
+    for (size_t i = 0; i < job.terms.size(); ++i) {
+      const Term& t = job.terms[i];
+      const auto& tt = g.tab->terms[first + i];
       const View sv = make_view(t.src, job.channels_last);
       GTerm<I> gt;
       gt.src = t.src.data_ptr();
       put_strides<I>(gt, sv);
-      gt.Ky = static_cast<int32_t>(th.K);
-      gt.Kx = static_cast<int32_t>(tw.K);
-      put(th, gt.ys, gt.yw);
-      put(tw, gt.xs, gt.xw);
+      gt.Ky = tt.Ky;
+      gt.Kx = tt.Kx;
+      gt.ys = static_cast<I>(tt.ys);
+      gt.yw = static_cast<I>(tt.yw);
+      gt.xs = static_cast<I>(tt.xs);
+      gt.xw = static_cast<I>(tt.xw);
       g.terms.push_back(gt);
-    }
-    if (!job.scale.empty()) {
-      gj.affine = static_cast<I>(g.weights.size());
-      g.key.push_back('a');
-      key_append(g.key, job.scale.size());
-      for (size_t c = 0; c < job.scale.size(); ++c) {
-        key_append(g.key, job.scale[c]);
-        key_append(g.key, job.shift[c]);
-      }
-      for (double v : job.scale) g.weights.push_back(static_cast<acc_t>(v));
-      for (double v : job.shift) g.weights.push_back(static_cast<acc_t>(v));
     }
     g.total += items;
     g.jobs.push_back(gj);
@@ -234,9 +351,10 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
   for (const auto& job : jobs)
     if (job_items<UpscaleShape>(make_view(job.dst, job.channels_last)) > 0) live.push_back(&job);
   if (live.size() != g.jobs.size() || live.empty()) return none();
+  const std::vector<int32_t>& starts = g.tab->starts;
   auto monotone = [&](I off, int64_t out) {
     for (int64_t o = 0; o + 1 < out; ++o)
-      if (g.starts[off + o + 1] < g.starts[off + o]) return false;
+      if (starts[off + o + 1] < starts[off + o]) return false;
     return true;
   };
   // The largest span of starts + taps over runs of n consecutive outputs (starts that never
@@ -245,7 +363,7 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
     int64_t m = 0;
     for (int64_t o = 0; o < out; o += n) {
       const int64_t last = std::min(o + n, out) - 1;
-      m = std::max<int64_t>(m, g.starts[off + last] - g.starts[off + o] + K);
+      m = std::max<int64_t>(m, starts[off + last] - starts[off + o] + K);
     }
     return m;
   };
@@ -283,27 +401,18 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
   return tp;
 }
 
-// Whether every term of the call has 1 or 2 taps along each axis (UpscaleShape).
-template <typename acc_t>
-bool short_taps(const std::vector<Job>& jobs) {
-  for (const auto& job : jobs)
-    for (const auto& t : job.terms) {
-      const auto [th, tw] = term_tables<acc_t>(t);
-      if (th.K > 2 || tw.K > 2) return false;
-    }
-  return true;
-}
-
-// Calls f(plan) with the plan in its item shape and the narrowest index type the call fits.
+// Calls f(plan) with the plan in its item shape (UpscaleShape where every term has 1 or 2 taps
+// along each axis) and the narrowest index type the call fits.
 template <typename acc_t, typename F>
 void with_gather_plan(const std::vector<Job>& jobs, F&& f) {
   const bool i32 = gather_fits_int32(jobs);
-  if (short_taps<acc_t>(jobs)) {
-    if (i32) return f(make_gather_plan<acc_t, int32_t, UpscaleShape>(jobs));
-    return f(make_gather_plan<acc_t, int64_t, UpscaleShape>(jobs));
+  auto tab = gather_tables<acc_t>(jobs);
+  if (tab->short_taps) {
+    if (i32) return f(make_gather_plan<acc_t, int32_t, UpscaleShape>(jobs, std::move(tab)));
+    return f(make_gather_plan<acc_t, int64_t, UpscaleShape>(jobs, std::move(tab)));
   }
-  if (i32) return f(make_gather_plan<acc_t, int32_t, GeneralShape>(jobs));
-  f(make_gather_plan<acc_t, int64_t, GeneralShape>(jobs));
+  if (i32) return f(make_gather_plan<acc_t, int32_t, GeneralShape>(jobs, std::move(tab)));
+  f(make_gather_plan<acc_t, int64_t, GeneralShape>(jobs, std::move(tab)));
 }
 
 }  // namespace msfast
