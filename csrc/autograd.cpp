@@ -31,9 +31,6 @@ std::optional<std::vector<double>> unkeep(const c10::IValue& v) {
   if (v.isNone()) return std::nullopt;
   return v.toDoubleVector();
 }
-OptDoubles view(const std::optional<std::vector<double>>& v) {
-  return v ? OptDoubles(at::ArrayRef<double>(*v)) : std::nullopt;
-}
 
 // Whether a call must go through its autograd Function: grad mode on and an input requiring
 // grad, or an input carrying a forward-mode tangent (which Function::apply rejects, so that

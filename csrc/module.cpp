@@ -37,7 +37,6 @@ std::atomic<int64_t>& table_cache_misses();  // csrc/cpu/gather_cpu.cpp
 
 namespace {
 using Doubles = std::optional<std::vector<double>>;
-OptDoubles view(const Doubles& v) { return v ? OptDoubles(at::ArrayRef<double>(*v)) : std::nullopt; }
 
 // The operators called from Python without torch.ops: an OpOverload call converts every
 // argument to an IValue by the schema and calls the kernel boxed, about 5 us of a 12 us small

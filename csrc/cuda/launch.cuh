@@ -127,8 +127,8 @@ CallData<acc_t> call_data(const Plan& g, const Blob& desc, const at::Device& dev
   } else {
     c.desc_dev = upload(desc, device, stream, capturing);
   }
-  // [starts][weights], as the host tables (GatherTables, shared between calls of one key) are
-  // copied to the device only where the device cache has no copy yet.
+  // The tables ([starts][weights]) from the device cache; the host blob to upload them is built
+  // only where the cache has no copy yet.
   const GatherTables<acc_t>& t = *g.tab;
   c.weights_off = static_cast<int64_t>(Blob::aligned(t.starts.size() * sizeof(int32_t)));
   auto make = [&] {

@@ -14,6 +14,11 @@ namespace msfast {
 
 using OptDoubles = std::optional<at::ArrayRef<double>>;
 
+// An optional list of floats as the operators take it (a view of v, which must outlive it).
+inline OptDoubles view(const std::optional<std::vector<double>>& v) {
+  return v ? OptDoubles(at::ArrayRef<double>(*v)) : std::nullopt;
+}
+
 inline auto pyramid_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("msfast::pyramid", "")
