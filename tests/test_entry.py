@@ -4,8 +4,9 @@ cost about 5 us a small call) and torch.ops otherwise; both go through the dispa
 autograd kernels (csrc/autograd.cpp) record a graph only where one is needed.
 
 Checked here: the two routes give the same bits; tensor subclasses, torch_function modes and
-torch.compile take torch.ops; torch_dispatch modes and the profiler see the operator on either
-route; no graph without grad, one with it; forward-mode AD still raises."""
+torch.compile take torch.ops; torch_dispatch modes, the profiler and torch.jit.trace see the
+operator on either route; no graph without grad, one with it; forward-mode AD still raises; and
+the cache of checked pyramid arguments (msfast/_args.py) returns only what the checks would."""
 
 from __future__ import annotations
 
