@@ -300,3 +300,46 @@ def test_cached_arguments_do_not_admit_equal_bad_ones(valid, bad, exc, name, gen
     for _ in range(2):
         with pytest.raises(exc, match=name):
             msfast.pyramid(x, **bad)
+
+
+def test_checked_concat_arguments_are_reused(gen):
+    from msfast import _args
+
+    feats = _concat_inputs(gen, "cpu")
+    _args._CONCAT_ARGS.clear()
+    a = _args.concat_args(feats, (10, 11), "bilinear", None, None)
+    clones = [f.clone() for f in feats]
+    b = _args.concat_args(clones, [10, 11], "bilinear", None, None)
+    assert len(_args._CONCAT_ARGS) == 1 and a[1:] == b[1:] == ((10, 11), "bilinear", False)
+    assert len(b[0]) == 3 and all(x is y for x, y in zip(b[0], clones))  # the call's own tensors
+    # out= is checked every time (its checks look at the tensor's memory), and not stored
+    out = torch.empty(2, 9, 10, 11)
+    _args.concat_args(feats, (10, 11), "bilinear", None, out)
+    with pytest.raises(ValueError, match="overlap"):
+        _args.concat_args([out[:, :3]] + feats[1:], (10, 11), "bilinear", None, out)
+    assert len(_args._CONCAT_ARGS) == 1
+    for i in range(_args._PYRAMID_ARGS_MAX + 10):
+        _args.concat_args(feats, (4, 5 + i), "nearest", None, None)
+    assert 0 < len(_args._CONCAT_ARGS) <= _args._PYRAMID_ARGS_MAX
+
+
+# Calls equal (==) to a valid, already cached concat call, which must still raise.
+CONCAT_CONFLATED = [
+    (dict(size=(1, 4)), dict(size=(True, 4)), TypeError, "size"),
+    (dict(size=(6, 4), align_corners=False), dict(size=(6, 4), align_corners=0), TypeError, "align_corners"),
+    (dict(size=(6, 4), mode="nearest"), dict(size=(6, 4), mode="nearest", align_corners=False), ValueError,
+     "align_corners"),
+]
+
+
+@pytest.mark.parametrize("valid,bad,exc,name", CONCAT_CONFLATED, ids=[c[3] + str(i) for i, c in
+                                                                     enumerate(CONCAT_CONFLATED)])
+def test_cached_concat_arguments_do_not_admit_equal_bad_ones(valid, bad, exc, name, gen):
+    feats = _concat_inputs(gen, "cpu")
+    good = msfast.upsample_concat(feats, **valid)
+    want = ref_upsample_concat(feats, valid["size"], mode=valid.get("mode", "bilinear"),
+                               align_corners=valid.get("align_corners"))
+    torch.testing.assert_close(good, want, **tol(torch.float32))
+    for _ in range(2):
+        with pytest.raises(exc, match=name):
+            msfast.upsample_concat(feats, **bad)
