@@ -152,20 +152,33 @@ def _numbers_key(v):
     return False
 
 
+def _pair_key(v):
+    """An int or an (h, w) pair of ints (exact types: True is not 1 here) as a key, else False."""
+    if type(v) is int:
+        return v
+    if type(v) in (list, tuple) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return (v[0], v[1])
+    return False
+
+
 def _sizes_key(v):
     if v is None:
         return None
     if type(v) in (list, tuple):
-        key = []
-        for e in v:
-            if type(e) is int:
-                key.append(e)
-            elif type(e) in (list, tuple) and len(e) == 2 and type(e[0]) is int and type(e[1]) is int:
-                key.append((e[0], e[1]))
-            else:
-                return False
-        return tuple(key)
+        key = tuple(_pair_key(e) for e in v)
+        return False if False in key else key
     return False
+
+
+def _store(cache: dict, key, value):
+    """Keeps value under key (not under None, the key of calls that have none) in a cache of at
+    most _PYRAMID_ARGS_MAX entries, cleared when full; returns value. The hits are a plain
+    cache.get(key), inline: a helper call with a closure cost half a microsecond a hit."""
+    if key is not None:
+        if len(cache) >= _PYRAMID_ARGS_MAX:
+            cache.clear()
+        cache[key] = value
+    return value
 
 
 def _pyramid_key(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype):
@@ -187,16 +200,11 @@ def pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, ou
     """The checked arguments of a pyramid call; raises TypeError or ValueError naming the bad one.
     The result is shared between calls with the same key: read it, do not modify it."""
     key = _pyramid_key(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype)
-    if key is not None:
-        hit = _PYRAMID_ARGS.get(key)
-        if hit is not None:
-            return hit
-    a = _check_pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype)
-    if key is not None:
-        if len(_PYRAMID_ARGS) >= _PYRAMID_ARGS_MAX:
-            _PYRAMID_ARGS.clear()
-        _PYRAMID_ARGS[key] = a
-    return a
+    hit = _PYRAMID_ARGS.get(key)
+    if hit is not None:
+        return hit
+    return _store(_PYRAMID_ARGS, key,
+                  _check_pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype))
 
 
 def _check_pyramid_args(x, scales, sizes, mode, antialias, align_corners, mean, std, out_dtype) -> PyramidArgs:
@@ -305,13 +313,8 @@ def _concat_key(features, size, mode, align_corners):
     where some value has no exact key (subclasses, SymInts, torch.compile)."""
     if type(features) not in (list, tuple) or type(mode) is not str or torch.compiler.is_compiling():
         return None
-    if not (align_corners is None or type(align_corners) is bool):
-        return None
-    if type(size) is int:
-        sk = size
-    elif type(size) in (list, tuple) and len(size) == 2 and type(size[0]) is int and type(size[1]) is int:
-        sk = (size[0], size[1])
-    else:
+    sk = _pair_key(size)
+    if sk is False or not (align_corners is None or type(align_corners) is bool):
         return None
     fk = []
     for f in features:
@@ -324,17 +327,13 @@ def _concat_key(features, size, mode, align_corners):
 def concat_args(features, size, mode, align_corners, out):
     """The checked arguments of an upsample_concat call: (features as a list, (h, w), mode,
     align_corners); raises TypeError or ValueError naming the bad one."""
-    key = _concat_key(features, size, mode, align_corners) if out is None else None
-    if key is not None:
-        hit = _CONCAT_ARGS.get(key)
-        if hit is not None:
-            return (list(features), *hit)
-    a = _check_concat_args(features, size, mode, align_corners, out)
-    if key is not None:
-        if len(_CONCAT_ARGS) >= _PYRAMID_ARGS_MAX:
-            _CONCAT_ARGS.clear()
-        _CONCAT_ARGS[key] = a[1:]
-    return a
+    if out is not None:
+        return _check_concat_args(features, size, mode, align_corners, out)
+    key = _concat_key(features, size, mode, align_corners)
+    hit = _CONCAT_ARGS.get(key)
+    if hit is None:
+        hit = _store(_CONCAT_ARGS, key, _check_concat_args(features, size, mode, align_corners, None)[1:])
+    return (list(features), *hit)
 
 
 def _check_concat_args(features, size, mode, align_corners, out):

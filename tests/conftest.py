@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfast
 from msfast import reference
@@ -68,6 +69,18 @@ def one_thread():
 def gen() -> torch.Generator:
     """A fresh generator with a fixed seed: every test draws its own reproducible inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+class DispatchLog(TorchDispatchMode):
+    """A torch_dispatch mode that records (operator, args) of every call it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
 
 
 def tol(dtype: torch.dtype, upscale: bool = False) -> dict:

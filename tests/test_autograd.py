@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import CONCAT_MODES, GRAD_TOL, INTERPOLATING, MODES, randn, ref_pyramid, ref_upsample_concat
+from conftest import CONCAT_MODES, GRAD_TOL, INTERPOLATING, MODES, DispatchLog, randn, ref_pyramid, ref_upsample_concat
 from torch.autograd import gradcheck, gradgradcheck
 
 import msfast
@@ -205,20 +205,9 @@ def test_pyramid_unused_levels(used, by, device, gen):
 def test_unused_levels_get_no_zero_gradients(device, gen):
     """A level the loss does not use reaches the backward as None, not as a tensor of zeros
     allocated, filled and resampled for nothing (set_materialize_grads(false))."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append((func, args))
-            return func(*args, **(kwargs or {}))
-
     x = randn(gen, 2, 3, 16, 12, device=device, requires_grad=True)
     levels = msfast.pyramid(x, [1.0, 0.5, 0.25])
-    with Log() as log:
+    with DispatchLog() as log:
         levels[1].sum().backward()
     grads = [a[0] for f, a in log.calls if f == torch.ops.msfast.pyramid_backward.default]
     assert len(grads) == 1 and grads[0][0] is None and grads[0][2] is None and grads[0][1] is not None

@@ -13,9 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import GRAD_TOL, make_input, randn, ref_pyramid, ref_upsample_concat, tol
+from conftest import GRAD_TOL, DispatchLog, make_input, randn, ref_pyramid, ref_upsample_concat, tol
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfast
 from msfast import _ops
@@ -122,16 +121,6 @@ class _FunctionLog(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _DispatchLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 def test_subclass_torch_function_sees_the_operators(gen):
     x = randn(gen, 1, 3, 8, 8).as_subclass(_Traced)
     _Traced.seen = []
@@ -158,10 +147,11 @@ def test_torch_dispatch_mode_and_profiler_see_the_direct_route(gen, monkeypatch)
     torch_dispatch mode and records it for the profiler."""
     monkeypatch.setattr(_ops, "_OPS", _NoTorchOps())
     x = randn(gen, 1, 3, 8, 8)
-    with _DispatchLog() as log:
+    with DispatchLog() as log:
         levels = msfast.pyramid(x, [0.5])
         msfast.upsample_concat([x, levels[0]], (8, 8))
-    assert OPS.pyramid.default in log.seen and OPS.upsample_concat.default in log.seen
+    seen = {f for f, _ in log.calls}
+    assert OPS.pyramid.default in seen and OPS.upsample_concat.default in seen
     with torch.profiler.profile() as prof:
         msfast.pyramid(x, [0.5])
         msfast.upsample_concat([x], (4, 4))

@@ -29,6 +29,9 @@ struct GatherTables {
   struct TermTables {
     int64_t ys, yw, xs, xw;  // offsets of the vertical / horizontal start[] and weights
     int32_t Ky, Kx;
+    bool operator==(const TermTables& o) const {
+      return ys == o.ys && yw == o.yw && xs == o.xs && xw == o.xw && Ky == o.Ky && Kx == o.Kx;
+    }
   };
   std::vector<int32_t> starts;
   std::vector<acc_t> weights;
@@ -162,15 +165,8 @@ void put_strides(D& d, const View& v) {
 
 template <typename acc_t>
 bool GatherTables<acc_t>::operator==(const GatherTables& o) const {
-  auto same_terms = [&] {
-    for (size_t i = 0; i < terms.size(); ++i) {
-      const auto &a = terms[i], &b = o.terms[i];
-      if (a.ys != b.ys || a.yw != b.yw || a.xs != b.xs || a.xw != b.xw || a.Ky != b.Ky || a.Kx != b.Kx) return false;
-    }
-    return true;
-  };
-  return starts == o.starts && weights == o.weights && terms.size() == o.terms.size() && same_terms() &&
-         affine == o.affine && short_taps == o.short_taps && key == o.key;
+  return starts == o.starts && weights == o.weights && terms == o.terms && affine == o.affine &&
+         short_taps == o.short_taps && key == o.key;
 }
 
 // The key of a call's tables (see GatherTables::key): a tag per job and per axis, so that no
