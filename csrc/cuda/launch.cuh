@@ -67,23 +67,6 @@ resample_kernel(const __grid_constant__ DescParam pd, const int4* __restrict__ d
     gather_item<Shape, src_t, dst_t, acc_t, I>(jobs, n_jobs, terms, starts, weights, item);
 }
 
-// Host-side blob builder: 16-byte aligned appends.
-struct Blob {
-  std::vector<char> bytes;
-  static size_t aligned(size_t n) { return (n + 15) / 16 * 16; }
-  int64_t put(const void* p, size_t n) {
-    const size_t off = aligned(bytes.size());
-    bytes.resize(off + n);
-    if (n) std::memcpy(bytes.data() + off, p, n);
-    return static_cast<int64_t>(off);
-  }
-  // Pads to a whole number of int4 (blocks copy descriptors as int4) and returns the size.
-  int64_t pad() {
-    bytes.resize((bytes.size() + 15) / 16 * 16);
-    return static_cast<int64_t>(bytes.size());
-  }
-};
-
 // A blob on the device, copied on `stream` (resample_cuda.cu).
 at::Tensor upload(const Blob& b, const at::Device& device, cudaStream_t stream, bool capturing);
 
@@ -118,26 +101,19 @@ struct CallData {
 };
 
 template <typename acc_t, typename Plan>
-CallData<acc_t> call_data(const Plan& g, const Blob& desc, const at::Device& device, cudaStream_t stream,
+CallData<acc_t> call_data(const Plan& g, const Descriptors& d, const at::Device& device, cudaStream_t stream,
                           bool capturing) {
   CallData<acc_t> c;
-  const int64_t desc_bytes = static_cast<int64_t>(desc.bytes.size());
-  if (desc_bytes <= kParamDescBytes) {
-    std::memcpy(c.pd.data, desc.bytes.data(), desc_bytes);
+  if (d.bytes <= kParamDescBytes) {
+    std::memcpy(c.pd.data, d.blob.bytes.data(), d.bytes);
   } else {
-    c.desc_dev = upload(desc, device, stream, capturing);
+    c.desc_dev = upload(d.blob, device, stream, capturing);
   }
-  // The tables ([starts][weights]) from the device cache; the host blob to upload them is built
-  // only where the cache has no copy yet.
+  // The tables from the device cache; the host blob to upload them is built only where the
+  // cache has no copy yet.
   const GatherTables<acc_t>& t = *g.tab;
-  c.weights_off = static_cast<int64_t>(Blob::aligned(t.starts.size() * sizeof(int32_t)));
-  auto make = [&] {
-    Blob b;
-    b.put(t.starts.data(), t.starts.size() * sizeof(int32_t));
-    TORCH_INTERNAL_ASSERT(b.put(t.weights.data(), t.weights.size() * sizeof(acc_t)) == c.weights_off);
-    return b;
-  };
-  c.tab = device_tables(t.key, make, device, stream, capturing);
+  c.weights_off = weights_offset(t);
+  c.tab = device_tables(t.key, [&] { return tables_blob(t); }, device, stream, capturing);
   return c;
 }
 
@@ -163,11 +139,9 @@ void launch(const Plan& g, const at::Device& device) {
   if (g.total == 0) return;
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // [jobs][terms], copied to shared memory by each block.
-  Blob desc;
-  desc.put(g.jobs.data(), g.jobs.size() * sizeof(GJob<I>));
-  const int64_t terms_off = desc.put(g.terms.data(), g.terms.size() * sizeof(GTerm<I>));
-  const int64_t desc_bytes = desc.pad();
+  // [jobs][terms], copied to shared memory by each block (the jobs at its start).
+  const Descriptors desc = describe(g);
+  const int64_t desc_bytes = desc.bytes;
   TORCH_CHECK_VALUE(desc_bytes <= static_cast<int64_t>(props->sharedMemPerBlock),
                     "msfast: too many pyramid levels or features in one call (", g.jobs.size(), " outputs, ",
                     g.terms.size(), " inputs)");
@@ -179,7 +153,7 @@ void launch(const Plan& g, const at::Device& device) {
   const int64_t per_sm = cuda_grid_resident() ? std::max(1, resident_blocks<kernel>(desc_bytes, device.index())) : 32;
   const int64_t blocks = std::min<int64_t>((g.total + kThreads - 1) / kThreads, props->multiProcessorCount * per_sm);
   kernel<<<blocks, kThreads, desc_bytes, stream>>>(c.pd, c.desc_global(), static_cast<int>(desc_bytes),
-                                                  static_cast<int>(g.jobs.size()), static_cast<int>(terms_off),
+                                                  static_cast<int>(g.jobs.size()), static_cast<int>(desc.terms_off),
                                                   c.starts(), c.weights(),
                                                   static_cast<std::make_unsigned_t<I>>(g.total));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -232,11 +206,8 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   using I = typename Plan::index_t;
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  Blob desc;
-  desc.put(tp.jobs.data(), tp.jobs.size() * sizeof(TileJob<I>));
-  const int64_t jobs_off = desc.put(g.jobs.data(), g.jobs.size() * sizeof(GJob<I>));
-  const int64_t terms_off = desc.put(g.terms.data(), g.terms.size() * sizeof(GTerm<I>));
-  const int64_t desc_bytes = desc.pad();
+  const Descriptors desc = describe(g, &tp);
+  const int64_t desc_bytes = desc.bytes;
   const int64_t smem = desc_bytes + tp.window * static_cast<int64_t>(sizeof(acc_t));
   if (smem + static_cast<int64_t>(sizeof(TilePos<I>)) > static_cast<int64_t>(props->sharedMemPerBlock)) return false;
   // As many blocks as run at once, each looping over tiles (16 blocks an SM, 1.6 times the 10
@@ -246,8 +217,8 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   const auto c = call_data<acc_t>(g, desc, device, stream, stream_capturing(stream));
   const int64_t blocks = std::min<int64_t>(tp.tiles, int64_t{per_sm} * props->multiProcessorCount);
   tile_kernel<src_t, dst_t, acc_t, I><<<blocks, kTileThreads, smem, stream>>>(
-      c.pd, c.desc_global(), static_cast<int>(desc_bytes), static_cast<int>(g.jobs.size()), static_cast<int>(jobs_off),
-      static_cast<int>(terms_off), c.starts(), c.weights(), static_cast<std::make_unsigned_t<I>>(tp.tiles));
+      c.pd, c.desc_global(), static_cast<int>(desc_bytes), static_cast<int>(g.jobs.size()), static_cast<int>(desc.jobs_off),
+      static_cast<int>(desc.terms_off), c.starts(), c.weights(), static_cast<std::make_unsigned_t<I>>(tp.tiles));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tiled_calls().fetch_add(1);
   return true;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -395,6 +396,58 @@ TilePlan<I> make_tile_plan(const std::vector<Job>& jobs, const GatherPlan<acc_t,
     tp.jobs.push_back(tj);
   }
   return tp;
+}
+
+// ------------------------------------------------------------------ device images
+// The bytes a launch hands the GPU, built here so that the CPU runs (csrc/cpu/gather_cpu.cpp)
+// read the very same layout as the CUDA kernels (csrc/cuda/launch.cuh): offsets, alignment,
+// padding. A blob of 16-byte aligned appends.
+struct Blob {
+  std::vector<char> bytes;
+  static size_t aligned(size_t n) { return (n + 15) / 16 * 16; }
+  int64_t put(const void* p, size_t n) {
+    const size_t off = aligned(bytes.size());
+    bytes.resize(off + n);
+    if (n) std::memcpy(bytes.data() + off, p, n);
+    return static_cast<int64_t>(off);
+  }
+  // Pads to a whole number of int4 (CUDA blocks copy descriptors as int4) and returns the size.
+  int64_t pad() {
+    bytes.resize(aligned(bytes.size()));
+    return static_cast<int64_t>(bytes.size());
+  }
+};
+
+// A call's descriptors as a block copies them into shared memory: [tile jobs][jobs][terms]
+// (no tile jobs for the gather kernel), then, for the tiled kernel, its window of acc_t.
+struct Descriptors {
+  Blob blob;
+  int64_t jobs_off = 0, terms_off = 0, bytes = 0;  // bytes: the padded size, where a window starts
+};
+
+template <typename Plan>
+Descriptors describe(const Plan& g, const TilePlan<typename Plan::index_t>* tp = nullptr) {
+  using I = typename Plan::index_t;
+  Descriptors d;
+  if (tp) d.blob.put(tp->jobs.data(), tp->jobs.size() * sizeof(TileJob<I>));
+  d.jobs_off = d.blob.put(g.jobs.data(), g.jobs.size() * sizeof(GJob<I>));
+  d.terms_off = d.blob.put(g.terms.data(), g.terms.size() * sizeof(GTerm<I>));
+  d.bytes = d.blob.pad();
+  return d;
+}
+
+// A call's tables as one device buffer: [starts (int32)][weights (acc_t), from weights_offset].
+template <typename acc_t>
+int64_t weights_offset(const GatherTables<acc_t>& t) {
+  return static_cast<int64_t>(Blob::aligned(t.starts.size() * sizeof(int32_t)));
+}
+
+template <typename acc_t>
+Blob tables_blob(const GatherTables<acc_t>& t) {
+  Blob b;
+  b.put(t.starts.data(), t.starts.size() * sizeof(int32_t));
+  TORCH_INTERNAL_ASSERT(b.put(t.weights.data(), t.weights.size() * sizeof(acc_t)) == weights_offset(t));
+  return b;
 }
 
 // Calls f(plan) with the plan in its item shape (UpscaleShape where every term has 1 or 2 taps
