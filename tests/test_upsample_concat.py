@@ -339,3 +339,35 @@ def test_nchw_bilinear_upscale_rows_in_blocks(specs, size, dtype, gen):
         torch.set_num_threads(n)
     torch.testing.assert_close(outs[0], want, **tol(dtype, upscale=True))
     assert torch.equal(outs[0], outs[1])
+
+
+# One-channel features whose pixel stride is not 1: a transposed [N, 1, H, 1] column (rows 1
+# element apart, pixels 2), a [N, 1, H, 1] slice of every third column, and a [N, 1, H, W] slice
+# of a channels_last tensor. In a channels_last call such a feature is a "plane" of one value a
+# pixel that is not packed; a blend of its rows once read them as one run of pixels, from past
+# the tensor's end (found by a longer run of test_fuzz.py).
+ODD_COLUMNS = {
+    "transposed_column": lambda gen, dtype, h: randn(gen, 2, 1, 1, h, dtype=dtype).transpose(2, 3),
+    "every_third_column": lambda gen, dtype, h: randn(gen, 2, 1, h, 3, dtype=dtype)[:, :, :, ::3],
+    "channels_last_slice": lambda gen, dtype, h: randn(gen, 2, 3, h, 4, dtype=dtype, channels_last=True)[:, 1:2],
+}
+
+
+@pytest.mark.parametrize("out_layout", ["channels_last", "nchw", None])
+@pytest.mark.parametrize("size", [(3, 3), (3, 40), (7, 5), (2, 17)], ids=str)
+@pytest.mark.parametrize("h", [1, 2, 5])
+@pytest.mark.parametrize("kind", list(ODD_COLUMNS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_channel_features_with_a_pixel_stride(dtype, kind, h, size, out_layout, gen):
+    odd = ODD_COLUMNS[kind](gen, dtype, h)
+    assert odd.shape[1] == 1 and (odd.shape[3] == 1 or odd.stride(3) != 1 or odd.stride(2) != odd.shape[3])
+    feats = [odd, randn(gen, 2, 2, 3, 4, dtype=dtype, channels_last=out_layout == "channels_last")]
+    for mode in ("bilinear", "bicubic", "nearest"):
+        want = ref_upsample_concat(feats, size, mode=mode)
+        if out_layout is None:
+            got = msfast.upsample_concat(feats, size, mode=mode)
+        else:
+            fmt = torch.channels_last if out_layout == "channels_last" else torch.contiguous_format
+            out = torch.full(want.shape, float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+            got = msfast.upsample_concat(feats, size, mode=mode, out=out)
+        torch.testing.assert_close(got, want, **tol(dtype, upscale=True), msg=lambda m, mode=mode: f"{mode}: {m}")

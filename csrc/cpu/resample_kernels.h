@@ -323,8 +323,11 @@ bool copies_row_runs(const JobPlan<acc_t>& p) {
 }
 
 // Whether a rows2 term's source is packed NCHW planes, which RowMaker::run_rows2 hands to
-// run_rows2_nchw.
-inline bool rows2_nchw_source(const View& v) { return v.cp == 1 && v.row == v.W && v.H > 0; }
+// run_rows2_nchw: one value a pixel, pixels and rows with no gap (run_rows2_nchw reads a run of
+// rows as one row of their pixels). A pixel stride matters even at width 1: a feature of one
+// channel and one column, transposed, has rows 1 element apart and a pixel stride of 2, and
+// read as a run of pixels its rows came from past its end.
+inline bool rows2_nchw_source(const View& v) { return v.cp == 1 && rows_packed(v) && v.H > 0; }
 
 // Rows per run of rows computed into a staging buffer and streamed from there: about
 // kStageBytes of whole rows (at least one), a multiple of the rows that span whole cache lines
@@ -1606,7 +1609,7 @@ struct RowMaker {
 
   // n source rows from `row` on as packed acc_t rows: the rows themselves when they are
   // already (a float NCHW row: copying it cost 8% of fpn_concat's forward), else converted
-  // into tmp in one pass. n > 1 only where the rows follow each other (v.row == v.W * v.cp).
+  // into tmp in one pass. n > 1 only where the rows follow each other (rows_packed(v)).
   const acc_t* source_rows(const View& v, const src_t* row, int64_t n = 1) {
     if constexpr (std::is_same_v<src_t, acc_t>) {
       if (v.px == v.cp) return row;
