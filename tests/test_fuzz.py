@@ -2,7 +2,8 @@
 dtypes, normalization and memory layouts (channels_last, permuted, sliced, strided, transposed,
 expanded and zero-stride views), forward and backward, against the pure-PyTorch reference.
 
-Reproducible: derandomized, no example database. Shapes stay small so each test runs in seconds.
+Reproducible: derandomized, no example database (MSFAST_FUZZ=N: N times the examples from a random
+seed, see conftest.py). Shapes stay small so each test runs in seconds.
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ from conftest import (
     INTERPOLATING,
     MODES,
     aa_weights,
+    fuzz_settings,
     ref_pyramid,
     ref_upsample_concat,
     tol,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import msfast
 from msfast import reference
 from msfast._args import is_channels_last
-
-# The `device` fixture is a plain string, safe to share between examples.
-FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 NEAREST = ("nearest", "nearest-exact")
 
@@ -152,7 +150,7 @@ def _exact(device, kw, in_dtype, out_dtype):
             and kw.get("std") is None)
 
 
-@settings(FUZZ, max_examples=100)
+@fuzz_settings(100)
 @given(call=pyramid_calls(dtypes=(torch.uint8, *FLOAT_DTYPES)))
 def test_pyramid_forward(device, call):
     shape, dtype, layout, seed, kw = call
@@ -168,7 +166,7 @@ def test_pyramid_forward(device, call):
         _assert_close(o, r.to(out_dtype), out_dtype, _exact(device, kw, dtype, out_dtype), f"level {k}")
 
 
-@settings(FUZZ, max_examples=60)
+@fuzz_settings(60)
 @given(call=pyramid_calls(dtypes=(torch.float32, torch.float64)))
 def test_pyramid_backward(device, call):
     """The gradient is the adjoint of the reference forward: <grad, v> = <g, F(v)> for random v.
@@ -216,7 +214,7 @@ def _features(N, feats, dtype, seed, device, requires_grad=False):
     return [m[0] for m in made], [m[1] for m in made]
 
 
-@settings(FUZZ, max_examples=100)
+@fuzz_settings(100)
 @given(call=concat_calls(dtypes=FLOAT_DTYPES))
 def test_upsample_concat_forward(device, call):
     N, feats, dtype, seed, kw, out_layout = call
@@ -237,7 +235,7 @@ def test_upsample_concat_forward(device, call):
     _assert_close(got, want, dtype, exact, "output")
 
 
-@settings(FUZZ, max_examples=60)
+@fuzz_settings(60)
 @given(call=concat_calls(dtypes=(torch.float32, torch.float64)))
 def test_upsample_concat_backward(device, call):
     N, feats, dtype, seed, kw, _ = call

@@ -15,8 +15,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import GRAD_TOL, make_input, randn, ref_pyramid, ref_upsample_concat, tol
-from hypothesis import HealthCheck, given, settings
+from conftest import GRAD_TOL, fuzz_settings, make_input, randn, ref_pyramid, ref_upsample_concat, tol
+from hypothesis import given
 from hypothesis import strategies as st
 
 import msfast
@@ -321,8 +321,7 @@ def _tiled_calls(draw):
     return (H, W), feats, dict(mode=mode, align_corners=align_corners), dtype, draw(st.integers(0, 2**16))
 
 
-@settings(deadline=None, derandomize=True, database=None, max_examples=60,
-          suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(60)
 @given(call=_tiled_calls())
 def test_tiled_path_fuzzed(call):
     """Drawn sizes, slices, modes and dtypes: the tiled path runs and gives the gather's values
