@@ -17,6 +17,7 @@ from conftest import (
     randint_u8,
     randn,
     ref_pyramid,
+    ref_upsample_concat,
     tol,
 )
 
@@ -262,6 +263,47 @@ def test_mean_std_accept_tensors_and_tuples(device, gen):
     a = msfast.pyramid(x, scales=[0.5], mean=torch.tensor(MEAN), std=tuple(STD))[0]
     b = msfast.pyramid(x, scales=[0.5], mean=MEAN, std=STD)[0]
     assert torch.equal(a, b)
+
+
+# Index math in long rows: the source index of output o is scale * (o + 0.5) - 0.5, which ATen's
+# CPU (AVX2, AVX-512) and CUDA builds compute as one fused multiply-add, as they do the cubic
+# weights' polynomials (index_math.h). Computed unfused, the index of some outputs moved by an
+# ulp, and float32 levels 3000 pixels wide were up to 3.6e-4 from F.interpolate (float64: 4.6e-13).
+# Tolerances here are those of summation order alone.
+WIDE_TOL = {torch.float32: {"rtol": 1.3e-6, "atol": 3e-6}, torch.float64: {"rtol": 0.0, "atol": 5e-14}}
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode,antialias,align_corners", [("bilinear", False, None), ("bicubic", False, None),
+                                                          ("bilinear", True, None), ("bicubic", True, None),
+                                                          ("bilinear", False, True), ("bicubic", False, True)])
+def test_long_axes_match_the_reference(mode, antialias, align_corners, dtype, axis, device, gen):
+    shape = (1, 2, 10, 3000) if axis == "rows" else (1, 2, 3000, 10)
+    x = randn(gen, *shape, dtype=dtype, device=device)
+    kw = dict(scales=[1.37, 0.696376788494397, 2.3, 0.4], mode=mode, antialias=antialias, align_corners=align_corners)
+    for k, (o, r) in enumerate(zip(msfast.pyramid(x, **kw), ref_pyramid(x, **kw))):
+        torch.testing.assert_close(o, r, **WIDE_TOL[dtype], msg=lambda m, k=k: f"level {k}: {m}")
+    size = (13, 4111) if axis == "rows" else (4111, 13)  # a ratio of sizes, not a scale
+    feats = [x, randn(gen, 1, 3, 7, 9, dtype=dtype, device=device)]
+    got = msfast.upsample_concat(feats, size, mode=mode, align_corners=align_corners)
+    torch.testing.assert_close(got, ref_upsample_concat(feats, size, mode=mode, align_corners=align_corners),
+                               **WIDE_TOL[dtype])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode,antialias", [("bilinear", False), ("bicubic", False), ("bicubic", True)])
+def test_float64_input_is_resampled_in_the_levels_type(mode, antialias, out_dtype, device, gen):
+    """Level k is F.interpolate of x converted to the level's type: a float64 input with float32
+    levels is resampled in float32, indices and weights included (in float64 they differed from
+    F.interpolate's by up to 3.5e-5 in 80-pixel rows)."""
+    x = randn(gen, 1, 2, 10, 1000, dtype=torch.float64, device=device)
+    kw = dict(scales=[1.37, 0.696376788494397], mode=mode, antialias=antialias, out_dtype=out_dtype)
+    got, want = msfast.pyramid(x, **kw), ref_pyramid(x, **kw)
+    t = WIDE_TOL[torch.float32] if out_dtype == torch.float32 else tol(out_dtype)
+    for o, r in zip(got, want):
+        assert o.dtype == out_dtype
+        torch.testing.assert_close(o, r, **t)
 
 
 @pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),

@@ -85,19 +85,25 @@ MSFAST_HD T pixel_scale(const Axis& a) {
   return scales_value<T>(a);
 }
 
-// ATen's area_pixel_compute_source_index.
+// ATen's area_pixel_compute_source_index, with the multiply-add fused as ATen's builds compile
+// it: its CPU kernels for AVX2 and AVX-512 (GCC contracts a * b - c into one FMA where the
+// target has it) and its CUDA kernels (nvcc does by default). The one rounding moves the index,
+// and with it the weights, by an ulp of the index: unfused, float32 bilinear and bicubic
+// levels 3000 pixels wide differed from F.interpolate by up to 3.6e-4.
 template <typename T>
 MSFAST_HD T source_index(T scale, int64_t o, bool align_corners, bool cubic) {
   if (align_corners) return scale * static_cast<T>(o);
-  T src = scale * (static_cast<T>(o) + T(0.5)) - T(0.5);
+  T src = msf_fma<T>(scale, static_cast<T>(o) + T(0.5), T(-0.5));
   return (!cubic && src < T(0)) ? T(0) : src;
 }
 
-// ATen's cubic convolution kernels (Keys); A = -0.75 without antialias, -0.5 with it.
+// ATen's cubic convolution kernels (Keys); A = -0.75 without antialias, -0.5 with it. Each
+// product that feeds an addition is fused with it, as in source_index: ((A + 2) * x - (A + 3))
+// * x * x + 1 and ((A * x - 5A) * x + 8A) * x - 4A as ATen's FMA builds compute them.
 template <typename T>
-MSFAST_HD T cubic1(T x, T A) { return ((A + 2) * x - (A + 3)) * x * x + 1; }
+MSFAST_HD T cubic1(T x, T A) { return msf_fma<T>(msf_fma<T>(A + 2, x, -(A + 3)) * x, x, T(1)); }
 template <typename T>
-MSFAST_HD T cubic2(T x, T A) { return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A; }
+MSFAST_HD T cubic2(T x, T A) { return msf_fma<T>(msf_fma<T>(msf_fma<T>(A, x, -5 * A), x, 8 * A), x, -4 * A); }
 
 template <typename T>
 MSFAST_HD T aa_filter(int mode, T x) {
