@@ -382,7 +382,8 @@ def test_nearest_rule_follows_each_features_layout_float64(mode, gen):
     (a float scale) pick different columns of 12 -> 74 (column 37, or 18 for nearest-exact).
     msfast decides the rule from the call's layout (out= here), so an NCHW feature of 8 channels
     written into a channels_last out= takes the channels-last formulas where the reference takes
-    the generic ones. Found by a random sweep of larger shapes; not yet fixed because the
+    the generic ones (float32 and float16 nearest-exact too, more rarely: 4 of 1,500 random
+    resizes each, float64 37 and 63). Found by a random sweep of larger shapes; not yet fixed because the
     backward (upsample_concat_backward, which knows only the call's layout) must follow the
     same per-feature rule to stay the forward's adjoint."""
     f = randn(gen, 2, 8, 27, 12, dtype=torch.float64)
