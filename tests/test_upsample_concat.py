@@ -390,3 +390,21 @@ def test_nearest_rule_follows_each_features_layout_float64(mode, gen):
     want = ref_upsample_concat([f], (92, 74), mode=mode)
     out = torch.empty(want.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     assert torch.equal(msfast.upsample_concat([f], (92, 74), mode=mode, out=out), want)
+
+
+@pytest.mark.parametrize("mode,src,size", [("nearest", (2, 56), (127, 92)), ("nearest-exact", (4, 27), (121, 102)),
+                                           ("nearest", (45, 44), (129, 50))], ids=str)
+def test_nearest_backward_is_the_adjoint_of_the_forward(mode, src, size, gen):
+    """In float64, with h + w > 128, ATen's nearest backward is not the adjoint of its own forward
+    (its backward takes other formulas: gradients up to 9 apart here); msfast's backward is the
+    adjoint of the forward, which equals F.interpolate's. The adjoint comes from the forward's
+    matrix, built column by column with F.interpolate."""
+    h, w = src
+    x = randn(gen, 1, 1, h, w, dtype=torch.float64, requires_grad=True)
+    out = msfast.upsample_concat([x], size, mode=mode)
+    assert torch.equal(out, ref_upsample_concat([x.detach()], size, mode=mode))
+    g = randn(gen, *out.shape, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, x, g)
+    eye = torch.eye(h * w, dtype=torch.float64)
+    M = torch.stack([F.interpolate(eye[j].view(1, 1, h, w), size=size, mode=mode).flatten() for j in range(h * w)], 1)
+    torch.testing.assert_close(got, (M.T @ g.flatten()).view(1, 1, h, w), rtol=0, atol=1e-12)
