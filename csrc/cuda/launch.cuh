@@ -217,8 +217,9 @@ bool launch_tiles(const Plan& g, const TilePlan<typename Plan::index_t>& tp, con
   const auto c = call_data<acc_t>(g, desc, device, stream, stream_capturing(stream));
   const int64_t blocks = std::min<int64_t>(tp.tiles, int64_t{per_sm} * props->multiProcessorCount);
   tile_kernel<src_t, dst_t, acc_t, I><<<blocks, kTileThreads, smem, stream>>>(
-      c.pd, c.desc_global(), static_cast<int>(desc_bytes), static_cast<int>(g.jobs.size()), static_cast<int>(desc.jobs_off),
-      static_cast<int>(desc.terms_off), c.starts(), c.weights(), static_cast<std::make_unsigned_t<I>>(tp.tiles));
+      c.pd, c.desc_global(), static_cast<int>(desc_bytes), static_cast<int>(g.jobs.size()),
+      static_cast<int>(desc.jobs_off), static_cast<int>(desc.terms_off), c.starts(), c.weights(),
+      static_cast<std::make_unsigned_t<I>>(tp.tiles));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tiled_calls().fetch_add(1);
   return true;
