@@ -163,6 +163,11 @@ def _not_implemented_for_half(e: RuntimeError) -> bool:
     return "not implemented for 'Half'" in msg or "not implemented for 'BFloat16'" in msg
 
 
+def level_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """A pyramid level's dtype: out_dtype, else the input's, float32 for uint8 input."""
+    return out_dtype or (torch.float32 if in_dtype == torch.uint8 else in_dtype)
+
+
 def ref_pyramid(x, scales=None, sizes=None, **kw):
     """msfast.reference.pyramid; in float32 (then cast) where PyTorch lacks a half kernel."""
     try:
@@ -170,7 +175,7 @@ def ref_pyramid(x, scales=None, sizes=None, **kw):
     except RuntimeError as e:
         if not _not_implemented_for_half(e):
             raise
-    out_dtype = kw.get("out_dtype") or (torch.float32 if x.dtype == torch.uint8 else x.dtype)
+    out_dtype = level_dtype(x.dtype, kw.get("out_dtype"))
     kw = dict(kw, out_dtype=torch.float32)
     xf = x if x.dtype == torch.uint8 else x.float()
     return [r.to(out_dtype) for r in reference.pyramid(xf, scales, sizes, **kw)]

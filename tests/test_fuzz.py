@@ -18,6 +18,7 @@ from conftest import (
     MODES,
     aa_weights,
     fuzz_settings,
+    level_dtype,
     ref_pyramid,
     ref_upsample_concat,
     tol,
@@ -134,7 +135,7 @@ def _exact_aa_levels(x, kw):
 def _oracle(x, kw):
     if _aa(kw):
         return _exact_aa_levels(x, kw)
-    out_dtype = kw.get("out_dtype") or (torch.float32 if x.dtype == torch.uint8 else x.dtype)
+    out_dtype = level_dtype(x.dtype, kw.get("out_dtype"))
     if out_dtype in (torch.float16, torch.bfloat16) and kw["mode"] not in NEAREST:
         # The reference in 16 bits rounds the normalized input and its intermediate sums to 16
         # bits: a float16 bicubic level of an input divided by std = 0.547 came out up to 14 ulps
@@ -159,7 +160,7 @@ def test_pyramid_forward(device, call):
     _, x = _make(seed, shape, dtype, layout, device)
     out = msfast.pyramid(x, **kw)
     ref = _oracle(x, kw)
-    out_dtype = kw.get("out_dtype") or (torch.float32 if dtype == torch.uint8 else dtype)
+    out_dtype = level_dtype(dtype, kw.get("out_dtype"))
     assert len(out) == len(ref)
     for k, (o, r) in enumerate(zip(out, ref)):
         assert o.shape == r.shape and o.dtype == out_dtype and o.device == x.device, k

@@ -28,15 +28,19 @@ bool cpu_stencil_enabled() { return cpu_runner().load() != 2; }
 
 bool cpu_small_planes_enabled() { return cpu_runner().load() != 3; }
 
-std::atomic<int64_t>& small_jobs_planned() {
-  static std::atomic<int64_t> n{0};
-  return n;
-}
-
-std::atomic<int64_t>& stencil_terms_planned() {
-  static std::atomic<int64_t> n{0};
-  return n;
-}
+// Counters the tests read (msfast._C testing hooks): how often a path was taken.
+#define MSFAST_COUNTER(name)              \
+  std::atomic<int64_t>& name() {          \
+    static std::atomic<int64_t> n{0};     \
+    return n;                             \
+  }
+MSFAST_COUNTER(small_jobs_planned)
+MSFAST_COUNTER(stencil_terms_planned)
+MSFAST_COUNTER(streamed_calls)
+MSFAST_COUNTER(tiled_calls)
+MSFAST_COUNTER(table_cache_hits)
+MSFAST_COUNTER(table_cache_misses)
+#undef MSFAST_COUNTER
 
 std::atomic<int64_t>& stream_bytes() {
   static std::atomic<int64_t> n{int64_t{16} << 20};  // 16 MiB; see JobPlan::stream
@@ -48,29 +52,9 @@ std::atomic<bool>& staged_rows() {
   return on;
 }
 
-std::atomic<int64_t>& streamed_calls() {
-  static std::atomic<int64_t> n{0};
-  return n;
-}
-
-std::atomic<int64_t>& tiled_calls() {
-  static std::atomic<int64_t> n{0};
-  return n;
-}
-
 std::atomic<bool>& table_cache_check() {
   static std::atomic<bool> on{false};
   return on;
-}
-
-std::atomic<int64_t>& table_cache_hits() {
-  static std::atomic<int64_t> n{0};
-  return n;
-}
-
-std::atomic<int64_t>& table_cache_misses() {
-  static std::atomic<int64_t> n{0};
-  return n;
 }
 
 namespace {
