@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "msfast/dispatch.h"
-#include "msfast/plan.h"  // is_channels_last
+#include "msfast/plan.h"  // is_channels_last, dense_in
 
 namespace msfast {
 namespace {
@@ -151,6 +151,9 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
     d["mode"] = mode;
     d["align_corners"] = align_corners;
     d["cl"] = is_channels_last(out);
+    c10::List<bool> layouts;  // each feature's, which picks its nearest formulas
+    for (const auto& f : features) layouts.push_back(is_channels_last(f));
+    d["layouts"] = layouts;
     d["n"] = static_cast<int64_t>(features.size());
     return {out};
   }
@@ -161,7 +164,8 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
     if (grads[0].defined()) {
       const std::string mode = d["mode"].toStringRef();
       auto g = upsample_concat_backward_op().call(grads[0], d["shapes"].toSymIntVector(), mode,
-                                                  d["align_corners"].toBool(), d["cl"].toBool());
+                                                  d["align_corners"].toBool(), d["cl"].toBool(),
+                                                  d["layouts"].toBoolList());
       for (int64_t i = 0; i < n; ++i) out[i] = g[i];
     }
     return out;
@@ -170,9 +174,11 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
 
 struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwardFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
-                               std::string mode, bool align_corners, bool channels_last) {
+                               std::string mode, bool align_corners, bool channels_last,
+                               const c10::List<bool>& feature_channels_last) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto grads = upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last);
+    auto grads = upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last,
+                                                    feature_channels_last);
     ctx->set_materialize_grads(false);  // see above PyramidFn
     auto& d = ctx->saved_data;
     d["shapes"] = c10::IValue(feature_shapes.vec());
@@ -180,11 +186,12 @@ struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwa
     d["W"] = grad.sym_size(3);
     d["mode"] = mode;
     d["align_corners"] = align_corners;
+    d["layouts"] = feature_channels_last;
     return grads;
   }
   static variable_list backward(AutogradContext* ctx, variable_list ggs) {
     auto& d = ctx->saved_data;
-    variable_list out(5);
+    variable_list out(6);
     const at::Tensor* ref = nullptr;
     for (const auto& g : ggs)
       if (g.defined()) {
@@ -193,13 +200,15 @@ struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwa
       }
     if (!ref) return out;
     const auto shapes = d["shapes"].toSymIntVector();
+    const auto layouts = d["layouts"].toBoolList();
     std::vector<at::Tensor> feats;
     for (size_t i = 0; i < ggs.size(); ++i) {
-      if (ggs[i].defined()) {
-        feats.push_back(ggs[i]);
-      } else {
-        feats.push_back(ref->new_zeros_symint({ref->sym_size(0), shapes[3 * i], shapes[3 * i + 1], shapes[3 * i + 2]}));
-      }
+      const at::Tensor gg = ggs[i].defined() ? ggs[i]
+                                             : ref->new_zeros_symint({ref->sym_size(0), shapes[3 * i],
+                                                                      shapes[3 * i + 1], shapes[3 * i + 2]});
+      // upsample_concat takes each feature's nearest rule from its layout: give it the one
+      // this backward was told, so that this stays the adjoint (a copy only where they differ).
+      feats.push_back(dense_in(gg, layouts.get(i)));
     }
     const std::string mode = d["mode"].toStringRef();
     out[0] = upsample_concat_op().call(feats, {d["H"].toSymInt(), d["W"].toSymInt()}, mode,
@@ -251,12 +260,15 @@ at::Tensor upsample_concat_autograd(at::TensorList features, c10::SymIntArrayRef
 
 std::vector<at::Tensor> upsample_concat_backward_autograd(const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
                                                           std::string mode, bool align_corners,
-                                                          bool channels_last) {
+                                                          bool channels_last,
+                                                          const c10::List<bool>& feature_channels_last) {
   if (!records(grad)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last);
+    return upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last,
+                                              feature_channels_last);
   }
-  return UpsampleConcatBackwardFn::apply(grad, feature_shapes, mode, align_corners, channels_last);
+  return UpsampleConcatBackwardFn::apply(grad, feature_shapes, mode, align_corners, channels_last,
+                                         feature_channels_last);
 }
 
 }  // namespace

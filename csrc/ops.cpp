@@ -245,7 +245,10 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
     Job j;
     j.dst = dst.narrow(1, c0, f.size(1));
     j.channels_last = cl;
-    const auto [ah, aw] = axes(f, mode, false, align_corners, cl, f.size(1), f.size(2), f.size(3), H, W, 0.0);
+    // The nearest rule follows the feature's own layout, as F.interpolate(f) does, not the
+    // call's; the data is read (made dense if need be) in the call's layout.
+    const auto [ah, aw] = axes(f, mode, false, align_corners, is_channels_last(f), f.size(1), f.size(2), f.size(3),
+                               H, W, 0.0);
     j.terms.push_back(Term{dense_in(f, cl), ah, aw, false});
     jobs.push_back(std::move(j));
     c0 += f.size(1);
@@ -256,7 +259,8 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
 
 std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at::IntArrayRef feature_shapes,
                                                       const std::string& mode_name, bool align_corners,
-                                                      bool channels_last, Runner run) {
+                                                      bool channels_last,
+                                                      const c10::List<bool>& feature_channels_last, Runner run) {
   check_4d(grad, "grad");
   TORCH_CHECK_TYPE(is_float_type(grad.scalar_type()), "msfast: grad must be floating, got ", grad.scalar_type());
   TORCH_CHECK_VALUE(!feature_shapes.empty() && feature_shapes.size() % 3 == 0,
@@ -266,6 +270,9 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
   int64_t Ctot = 0;
   for (size_t i = 0; i < feature_shapes.size(); i += 3) Ctot += feature_shapes[i];
   TORCH_CHECK_VALUE(Ctot == grad.size(1), "msfast: grad has ", grad.size(1), " channels, features sum to ", Ctot);
+  TORCH_CHECK_VALUE(feature_channels_last.size() * 3 == feature_shapes.size(),
+                    "msfast: feature_channels_last must hold one flag per feature (", feature_shapes.size() / 3,
+                    "), got ", feature_channels_last.size());
   const at::Tensor g = dense_in(grad, channels_last);
   std::vector<at::Tensor> outs;
   std::vector<Job> jobs;
@@ -276,7 +283,9 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
     Job j;
     j.dst = empty_output({N, C, h, w}, grad.options(), channels_last);
     j.channels_last = channels_last;
-    const auto [ah, aw] = axes(grad, mode, false, align_corners, channels_last, C, h, w, H, W, 0.0);
+    // The adjoint of the forward's resize, so the same nearest rule: the feature's layout's.
+    const auto [ah, aw] = axes(grad, mode, false, align_corners, feature_channels_last.get(i / 3), C, h, w, H, W,
+                               0.0);
     j.terms.push_back(Term{g.narrow(1, c0, C), ah, aw, true});
     outs.push_back(j.dst);
     jobs.push_back(std::move(j));
@@ -304,5 +313,5 @@ TORCH_LIBRARY(msfast, m) {
       "Tensor(a!) out) -> ()");
   m.def(
       "upsample_concat_backward(Tensor grad, SymInt[] feature_shapes, str interpolation, bool align_corners, "
-      "bool channels_last) -> Tensor[]");
+      "bool channels_last, bool[] feature_channels_last) -> Tensor[]");
 }

@@ -311,7 +311,8 @@ if _C is not None:
         _same_device(features + [out])
 
     @torch.library.register_fake("msfast::upsample_concat_backward")
-    def _concat_backward_fake(grad, feature_shapes, interpolation, align_corners, channels_last):
+    def _concat_backward_fake(grad, feature_shapes, interpolation, align_corners, channels_last,
+                              feature_channels_last):
         fmt = _layout(channels_last)
         return [
             torch.empty((grad.shape[0], *feature_shapes[i : i + 3]), dtype=grad.dtype, device=grad.device,

@@ -217,7 +217,8 @@ def test_backward_ops_without_grad_record_nothing(gen):
     gx = OPS.pyramid_backward([g, None], [1, 3, 8, 8], [0.5, 1.0], "bilinear", False, False, None,
                               torch.float32, False)
     assert gx.grad_fn is None and gx.shape == (1, 3, 8, 8)
-    parts = OPS.upsample_concat_backward(randn(gen, 1, 5, 6, 6), [2, 3, 3, 3, 4, 4], "bilinear", False, False)
+    parts = OPS.upsample_concat_backward(randn(gen, 1, 5, 6, 6), [2, 3, 3, 3, 4, 4], "bilinear", False, False,
+                                        [False, False])
     assert [p.shape[1] for p in parts] == [2, 3] and all(p.grad_fn is None for p in parts)
 
 

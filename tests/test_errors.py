@@ -289,17 +289,22 @@ RAW_ERRORS = {
     "uco_not_dense": ("ops.upsample_concat.out([f], [3, 4], 'nearest', False, "
                       "out=torch.empty(1, 2, 4, 3).transpose(2, 3))", ("ValueError",)),
     "uco_overlap": ("ops.upsample_concat.out([f], [3, 4], 'nearest', False, out=f)", ("RuntimeError",)),
-    "ucb_shapes_length": ("ops.upsample_concat_backward(g, [3, 2, 2, 4], 'bilinear', False, False)",
+    "ucb_shapes_length": ("ops.upsample_concat_backward(g, [3, 2, 2, 4], 'bilinear', False, False, [False])",
                           ("ValueError",)),
-    "ucb_no_shapes": ("ops.upsample_concat_backward(g, [], 'bilinear', False, False)", ("ValueError",)),
-    "ucb_channels": ("ops.upsample_concat_backward(g, [2, 2, 2], 'bilinear', False, False)", ("ValueError",)),
-    "ucb_zero_shape": ("ops.upsample_concat_backward(g, [3, 0, 2], 'bilinear', False, False)", ("ValueError",)),
-    "ucb_negative_shape": ("ops.upsample_concat_backward(g, [3, -2, 2], 'bilinear', False, False)",
+    "ucb_no_shapes": ("ops.upsample_concat_backward(g, [], 'bilinear', False, False, [False])", ("ValueError",)),
+    "ucb_channels": ("ops.upsample_concat_backward(g, [2, 2, 2], 'bilinear', False, False, [False])", ("ValueError",)),
+    "ucb_zero_shape": ("ops.upsample_concat_backward(g, [3, 0, 2], 'bilinear', False, False, [False])",
+                       ("ValueError",)),
+    "ucb_negative_shape": ("ops.upsample_concat_backward(g, [3, -2, 2], 'bilinear', False, False, [False])",
                            ("ValueError",)),
-    "ucb_3d": ("ops.upsample_concat_backward(torch.randn(3, 4, 4), [3, 2, 2], 'bilinear', False, False)",
+    "ucb_3d": ("ops.upsample_concat_backward(torch.randn(3, 4, 4), [3, 2, 2], 'bilinear', False, False, [False])",
                ("ValueError",)),
-    "ucb_int": ("ops.upsample_concat_backward(g.int(), [3, 2, 2], 'bilinear', False, False)", ("TypeError",)),
-    "ucb_mode_foo": ("ops.upsample_concat_backward(g, [3, 2, 2], 'foo', False, False)", ("ValueError",)),
+    "ucb_int": ("ops.upsample_concat_backward(g.int(), [3, 2, 2], 'bilinear', False, False, [False])", ("TypeError",)),
+    "ucb_mode_foo": ("ops.upsample_concat_backward(g, [3, 2, 2], 'foo', False, False, [False])", ("ValueError",)),
+    "ucb_layouts_length": ("ops.upsample_concat_backward(g, [3, 2, 2], 'nearest', False, False, [False, True])",
+                           ("ValueError",)),
+    "ucb_layouts_missing": ("ops.upsample_concat_backward(g, [3, 2, 2], 'nearest', False, False, [])",
+                            ("ValueError",)),
 }
 
 
@@ -367,7 +372,7 @@ RAW_MEMORY_SAFETY = {
         "ops.pyramid_backward([torch.randn(1, 2, 0, 4)], [1, 2, 5, 6], [], 'bilinear', False, False, None, f32, "
         "False)"),
     "upsample_concat_backward_zero_height_grad": (
-        "ops.upsample_concat_backward(torch.randn(1, 2, 0, 4), [2, 3, 3], 'bilinear', False, False)"),
+        "ops.upsample_concat_backward(torch.randn(1, 2, 0, 4), [2, 3, 3], 'bilinear', False, False, [False])"),
     "pyramid_sizes_inconsistent_with_scales_antialias": (
         "ops.pyramid(x, [200, 240], [0.5], 'bicubic', True, False, None, None, None)"),
     "pyramid_backward_sizes_inconsistent_with_scales_antialias": (

@@ -86,15 +86,15 @@ CONCAT_BACKWARD_CASES = {
     "bilinear_nchw": lambda g, d: (
         ops.upsample_concat_backward.default,
         (randn(g, 2, 5, 5, 6, dtype=torch.float64, device=d, requires_grad=True), [3, 7, 9, 2, 3, 4], "bilinear",
-         False, False), {}),
+         False, False, [False, False]), {}),
     "bicubic_ac_channels_last": lambda g, d: (
         ops.upsample_concat_backward.default,
         (randn(g, 2, 5, 5, 6, device=d, channels_last=True, requires_grad=True), [3, 7, 9, 2, 3, 4], "bicubic",
-         True, True), {}),
+         True, True, [True, True]), {}),
     "nearest": lambda g, d: (
         ops.upsample_concat_backward.default,
         (randn(g, 2, 4, 6, 6, dtype=torch.float64, device=d, requires_grad=True), [1, 2, 3, 3, 13, 4], "nearest",
-         False, False), {}),
+         False, False, [True, False]), {}),
 }
 
 

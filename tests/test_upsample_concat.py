@@ -373,23 +373,67 @@ def test_one_channel_features_with_a_pixel_stride(dtype, kind, h, size, out_layo
         torch.testing.assert_close(got, want, **tol(dtype, upscale=True), msg=lambda m, mode=mode: f"{mode}: {m}")
 
 
-@pytest.mark.xfail(strict=True, reason="open: the nearest rule follows the call's layout, not the feature's "
-                                       "(csrc/ops.cpp, upsample_concat_impl's axes(); see the test's docstring)")
+# F.interpolate picks its nearest formulas from its input's layout (index_math.h: NearestRule):
+# the channels-last kernel for a channels_last input of more than 3 channels, else the generic
+# one, whose index is computed in the tensor's type. In float64 the two pick different columns of
+# 12 -> 74 (column 37; 18 for nearest-exact), so a feature whose layout is not the call's shows
+# whether msfast follows the feature (it once followed the call: 37 and 63 of 1,500 random such
+# float64 resizes differed from F.interpolate, 4 in float32 and float16).
+MIXED_LAYOUTS = {
+    # an NCHW feature written into a channels_last out=
+    "nchw_into_channels_last": (("nchw",), "channels_last"),
+    # a channels_last feature in a call that runs NCHW (features[0]'s layout)
+    "channels_last_in_nchw": (("nchw", "channels_last"), None),
+    # both kinds in one channels_last call
+    "both_into_channels_last": (("channels_last", "nchw"), "channels_last"),
+}
+
+
+def _mixed(gen, layouts, C=8, src=(27, 12), requires_grad=False):
+    return [randn(gen, 2, C, *src, dtype=torch.float64, channels_last=lay == "channels_last",
+                  requires_grad=requires_grad) for lay in layouts]
+
+
+@pytest.mark.parametrize("case", list(MIXED_LAYOUTS))
 @pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
-def test_nearest_rule_follows_each_features_layout_float64(mode, gen):
-    """F.interpolate picks its nearest formulas from its input's layout (index_math.h: NearestRule),
-    and in float64 the generic kernel's index (computed in double) and the channels-last kernel's
-    (a float scale) pick different columns of 12 -> 74 (column 37, or 18 for nearest-exact).
-    msfast decides the rule from the call's layout (out= here), so an NCHW feature of 8 channels
-    written into a channels_last out= takes the channels-last formulas where the reference takes
-    the generic ones (float32 and float16 nearest-exact too, more rarely: 4 of 1,500 random
-    resizes each, float64 37 and 63). Found by a random sweep of larger shapes; not yet fixed because the
-    backward (upsample_concat_backward, which knows only the call's layout) must follow the
-    same per-feature rule to stay the forward's adjoint."""
-    f = randn(gen, 2, 8, 27, 12, dtype=torch.float64)
-    want = ref_upsample_concat([f], (92, 74), mode=mode)
-    out = torch.empty(want.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert torch.equal(msfast.upsample_concat([f], (92, 74), mode=mode, out=out), want)
+def test_nearest_rule_follows_each_features_layout_float64(mode, case, gen):
+    layouts, out_layout = MIXED_LAYOUTS[case]
+    feats = _mixed(gen, layouts)
+    want = ref_upsample_concat(feats, (92, 74), mode=mode)
+    if out_layout is None:
+        got = msfast.upsample_concat(feats, (92, 74), mode=mode)
+    else:
+        out = torch.full(want.shape, float("nan"), dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        got = msfast.upsample_concat(feats, (92, 74), mode=mode, out=out)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["channels_last_in_nchw", "both_into_channels_last"])
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_nearest_backward_follows_each_features_layout(mode, case, gen):
+    """The backward (and the backward of the backward) of a call whose features' layouts differ:
+    each feature's gradient is the adjoint of its own resize, with its own nearest formulas, and
+    the double backward resizes each incoming gradient as its feature was. The adjoint comes from
+    the forward's matrix, built with F.interpolate on basis images in the feature's layout."""
+    layouts = MIXED_LAYOUTS[case][0]
+    h, w, size = 12, 12, (92, 74)
+    feats = _mixed(gen, layouts, C=4, src=(h, w), requires_grad=True)
+    out = msfast.upsample_concat(feats, size, mode=mode)
+    assert torch.equal(out, ref_upsample_concat([f.detach() for f in feats], size, mode=mode))
+    g = randn(gen, *out.shape, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(out, feats, g, create_graph=True)
+    for i, lay in enumerate(layouts):
+        fmt = torch.channels_last if lay == "channels_last" else torch.contiguous_format
+        basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w).expand(h * w, 4, h, w)
+        M = F.interpolate(basis.contiguous(memory_format=fmt), size=size, mode=mode)[:, 0].reshape(h * w, -1).T
+        gi = g.detach()[:, 4 * i:4 * i + 4].reshape(2 * 4, -1)
+        want_i = (gi @ M).view(2, 4, h, w)
+        torch.testing.assert_close(grads[i], want_i, rtol=0, atol=1e-12, msg=lambda m, i=i: f"features[{i}]: {m}")
+    ggs = [randn(gen, *gr.shape, dtype=torch.float64) for gr in grads]
+    (gg_out,) = torch.autograd.grad(grads, g, ggs)
+    like = [gg.contiguous(memory_format=torch.channels_last if lay == "channels_last" else torch.contiguous_format)
+            for gg, lay in zip(ggs, layouts)]
+    assert torch.equal(gg_out, ref_upsample_concat(like, size, mode=mode))
 
 
 @pytest.mark.parametrize("mode,src,size", [("nearest", (2, 56), (127, 92)), ("nearest-exact", (4, 27), (121, 102)),

@@ -51,7 +51,7 @@ inline auto upsample_concat_backward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("msfast::upsample_concat_backward", "")
                        .typed<std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, std::string,
-                                                      bool, bool)>();
+                                                      bool, bool, const c10::List<bool>&)>();
   return op;
 }
 

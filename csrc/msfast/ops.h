@@ -100,7 +100,8 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
 std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad,
                                                       at::IntArrayRef feature_shapes,
                                                       const std::string& mode, bool align_corners,
-                                                      bool channels_last, Runner run);
+                                                      bool channels_last,
+                                                      const c10::List<bool>& feature_channels_last, Runner run);
 
 }  // namespace msfast
 
@@ -140,8 +141,10 @@ struct Kernels {
     upsample_concat_impl(features.vec(), size, mode, align_corners, out, run);
   }
   static std::vector<at::Tensor> upsample_concat_backward(const at::Tensor& grad, at::IntArrayRef feature_shapes,
-                                                          std::string mode, bool align_corners, bool channels_last) {
-    return upsample_concat_backward_impl(grad, feature_shapes, mode, align_corners, channels_last, run);
+                                                          std::string mode, bool align_corners, bool channels_last,
+                                                          const c10::List<bool>& feature_channels_last) {
+    return upsample_concat_backward_impl(grad, feature_shapes, mode, align_corners, channels_last,
+                                         feature_channels_last, run);
   }
   static void register_all(torch::Library& m) {
     m.impl("pyramid", &pyramid);
