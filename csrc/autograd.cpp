@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "msfast/dispatch.h"
-#include "msfast/plan.h"  // is_channels_last, dense_in
+#include "msfast/plan.h"  // is_channels_last, resize_layouts, dense_in
 
 namespace msfast {
 namespace {
@@ -63,7 +63,10 @@ struct PyramidFn : torch::autograd::Function<PyramidFn> {
     d["align_corners"] = align_corners;
     d["std"] = keep(std);
     d["dtype"] = x.scalar_type();
-    d["cl"] = is_channels_last(x);
+    const auto layouts =
+        resize_layouts(x, pyramid_normalizes(x.scalar_type(), outs[0].scalar_type(), mean.has_value(), std.has_value()));
+    d["cl"] = layouts.channels_last;  // the levels' layout, which the gradient is written in
+    d["near_cl"] = layouts.nearest_channels_last;
     return outs;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -81,7 +84,7 @@ struct PyramidFn : torch::autograd::Function<PyramidFn> {
     // An empty scales list (a raw call that gave sizes) is passed on as None.
     auto gx = pyramid_backward_op().call(g, shape, scales && !scales->empty() ? view(scales) : std::nullopt, mode,
                                          d["antialias"].toBool(), d["align_corners"].toBool(), view(std),
-                                         d["dtype"].toScalarType(), d["cl"].toBool());
+                                         d["dtype"].toScalarType(), d["cl"].toBool(), d["near_cl"].toBool());
     return {gx, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
@@ -92,13 +95,13 @@ struct PyramidBackwardFn : torch::autograd::Function<PyramidBackwardFn> {
   static variable_list forward(AutogradContext* ctx, at::TensorList live_grads, const std::vector<int64_t>& live,
                                int64_t n, c10::SymIntArrayRef input_shape, OptDoubles scales, std::string mode,
                                bool antialias, bool align_corners, OptDoubles std, at::ScalarType dtype,
-                               bool channels_last) {
+                               bool channels_last, bool nearest_channels_last) {
     at::AutoDispatchBelowADInplaceOrView guard;
     c10::List<std::optional<at::Tensor>> g;
     for (int64_t k = 0; k < n; ++k) g.push_back(std::nullopt);
     for (size_t i = 0; i < live.size(); ++i) g.set(live[i], live_grads[i]);
     auto gx = pyramid_backward_op().call(g, input_shape, scales, mode, antialias, align_corners, std, dtype,
-                                         channels_last);
+                                         channels_last, nearest_channels_last);
     std::vector<c10::SymInt> hw;  // the levels' sizes (checked 4-D by the call): the backward makes them again
     for (const auto& t : live_grads) {
       hw.push_back(t.sym_size(2));
@@ -114,12 +117,13 @@ struct PyramidBackwardFn : torch::autograd::Function<PyramidBackwardFn> {
     d["antialias"] = antialias;
     d["align_corners"] = align_corners;
     d["std"] = keep(std);
+    d["near_cl"] = nearest_channels_last;
     return {gx};
   }
   static variable_list backward(AutogradContext* ctx, variable_list gg) {
     auto& d = ctx->saved_data;
     const auto live = d["live"].toIntVector();
-    variable_list out(live.size() + 10);  // one per live gradient, then the 10 other arguments
+    variable_list out(live.size() + 11);  // one per live gradient, then the 11 other arguments
     if (gg[0].defined() && !live.empty()) {
       const auto scales = unkeep(d["scales"]), std = unkeep(d["std"]);
       std::optional<std::vector<double>> sc;
@@ -128,7 +132,10 @@ struct PyramidBackwardFn : torch::autograd::Function<PyramidBackwardFn> {
         for (int64_t k : live) sc->push_back((*scales)[k]);
       }
       const std::string mode = d["mode"].toStringRef();
-      auto res = pyramid_op().call(gg[0], d["hw"].toSymIntVector(), view(sc), mode,
+      // pyramid takes its nearest formulas from its input (plan.h: resize_layouts): a dense gg
+      // in the layout the forward's resize saw gives it the same ones.
+      const at::Tensor gg0 = dense_in(gg[0], d["near_cl"].toBool());
+      auto res = pyramid_op().call(gg0, d["hw"].toSymIntVector(), view(sc), mode,
                                    d["antialias"].toBool(), d["align_corners"].toBool(), std::nullopt, view(std),
                                    d["level_dtype"].toScalarType());
       for (size_t i = 0; i < live.size(); ++i) out[i] = res[i];
@@ -151,9 +158,9 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
     d["mode"] = mode;
     d["align_corners"] = align_corners;
     d["cl"] = is_channels_last(out);
-    c10::List<bool> layouts;  // each feature's, which picks its nearest formulas
-    for (const auto& f : features) layouts.push_back(is_channels_last(f));
-    d["layouts"] = layouts;
+    c10::List<bool> near_cl;  // each feature's nearest formulas
+    for (const auto& f : features) near_cl.push_back(resize_layouts(f, false).nearest_channels_last);
+    d["near_cl"] = near_cl;
     d["n"] = static_cast<int64_t>(features.size());
     return {out};
   }
@@ -165,7 +172,7 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
       const std::string mode = d["mode"].toStringRef();
       auto g = upsample_concat_backward_op().call(grads[0], d["shapes"].toSymIntVector(), mode,
                                                   d["align_corners"].toBool(), d["cl"].toBool(),
-                                                  d["layouts"].toBoolList());
+                                                  d["near_cl"].toBoolList());
       for (int64_t i = 0; i < n; ++i) out[i] = g[i];
     }
     return out;
@@ -175,10 +182,10 @@ struct UpsampleConcatFn : torch::autograd::Function<UpsampleConcatFn> {
 struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwardFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
                                std::string mode, bool align_corners, bool channels_last,
-                               const c10::List<bool>& feature_channels_last) {
+                               const c10::List<bool>& nearest_channels_last) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto grads = upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last,
-                                                    feature_channels_last);
+                                                    nearest_channels_last);
     ctx->set_materialize_grads(false);  // see above PyramidFn
     auto& d = ctx->saved_data;
     d["shapes"] = c10::IValue(feature_shapes.vec());
@@ -186,7 +193,7 @@ struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwa
     d["W"] = grad.sym_size(3);
     d["mode"] = mode;
     d["align_corners"] = align_corners;
-    d["layouts"] = feature_channels_last;
+    d["near_cl"] = nearest_channels_last;
     return grads;
   }
   static variable_list backward(AutogradContext* ctx, variable_list ggs) {
@@ -200,15 +207,16 @@ struct UpsampleConcatBackwardFn : torch::autograd::Function<UpsampleConcatBackwa
       }
     if (!ref) return out;
     const auto shapes = d["shapes"].toSymIntVector();
-    const auto layouts = d["layouts"].toBoolList();
+    const auto near_cl = d["near_cl"].toBoolList();
     std::vector<at::Tensor> feats;
     for (size_t i = 0; i < ggs.size(); ++i) {
       const at::Tensor gg = ggs[i].defined() ? ggs[i]
                                              : ref->new_zeros_symint({ref->sym_size(0), shapes[3 * i],
                                                                       shapes[3 * i + 1], shapes[3 * i + 2]});
-      // upsample_concat takes each feature's nearest rule from its layout: give it the one
-      // this backward was told, so that this stays the adjoint (a copy only where they differ).
-      feats.push_back(dense_in(gg, layouts.get(i)));
+      // upsample_concat takes each feature's nearest formulas from the feature (plan.h:
+      // resize_layouts): a dense gg in the layout this backward was told gives it the same
+      // ones, so that this stays the adjoint (a copy only where the layouts differ).
+      feats.push_back(dense_in(gg, near_cl.get(i)));
     }
     const std::string mode = d["mode"].toStringRef();
     out[0] = upsample_concat_op().call(feats, {d["H"].toSymInt(), d["W"].toSymInt()}, mode,
@@ -230,7 +238,7 @@ std::vector<at::Tensor> pyramid_autograd(const at::Tensor& x, c10::SymIntArrayRe
 at::Tensor pyramid_backward_autograd(const c10::List<std::optional<at::Tensor>>& grads,
                                      c10::SymIntArrayRef input_shape, OptDoubles scales, std::string mode,
                                      bool antialias, bool align_corners, OptDoubles std, at::ScalarType dtype,
-                                     bool channels_last) {
+                                     bool channels_last, bool nearest_channels_last) {
   std::vector<at::Tensor> g;
   std::vector<int64_t> live;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -243,10 +251,11 @@ at::Tensor pyramid_backward_autograd(const c10::List<std::optional<at::Tensor>>&
   if (!records(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return pyramid_backward_op().call(grads, input_shape, scales, mode, antialias, align_corners, std, dtype,
-                                      channels_last);
+                                      channels_last, nearest_channels_last);
   }
   return PyramidBackwardFn::apply(at::TensorList(g), live, static_cast<int64_t>(grads.size()), input_shape, scales,
-                                  mode, antialias, align_corners, std, dtype, channels_last)[0];
+                                  mode, antialias, align_corners, std, dtype, channels_last,
+                                  nearest_channels_last)[0];
 }
 
 at::Tensor upsample_concat_autograd(at::TensorList features, c10::SymIntArrayRef size, std::string mode,
@@ -261,14 +270,14 @@ at::Tensor upsample_concat_autograd(at::TensorList features, c10::SymIntArrayRef
 std::vector<at::Tensor> upsample_concat_backward_autograd(const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
                                                           std::string mode, bool align_corners,
                                                           bool channels_last,
-                                                          const c10::List<bool>& feature_channels_last) {
+                                                          const c10::List<bool>& nearest_channels_last) {
   if (!records(grad)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last,
-                                              feature_channels_last);
+                                              nearest_channels_last);
   }
   return UpsampleConcatBackwardFn::apply(grad, feature_shapes, mode, align_corners, channels_last,
-                                         feature_channels_last);
+                                         nearest_channels_last);
 }
 
 }  // namespace

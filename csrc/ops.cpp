@@ -128,7 +128,7 @@ std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
     }
   }
 
-  const bool cl = is_channels_last(x);
+  const auto [cl, near_cl] = resize_layouts(x, pyramid_normalizes(in_t, dt, mean.has_value(), std.has_value()));
   const at::Tensor src = dense_in(x, cl);
   std::vector<at::Tensor> outs;
   std::vector<Job> jobs;
@@ -141,7 +141,7 @@ std::vector<at::Tensor> pyramid_impl(const at::Tensor& x, at::IntArrayRef sizes,
     j.channels_last = cl;
     j.scale = scale;
     j.shift = shift;
-    const auto [ah, aw] = axes(x, mode, antialias, align_corners, cl, C, x.size(2), x.size(3), h, w,
+    const auto [ah, aw] = axes(x, mode, antialias, align_corners, near_cl, C, x.size(2), x.size(3), h, w,
                                scales.empty() ? 0.0 : scales[k]);
     j.terms.push_back(Term{src, ah, aw, false});
     jobs.push_back(std::move(j));
@@ -154,7 +154,7 @@ at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& g
                                  at::IntArrayRef input_shape, at::ArrayRef<double> scales,
                                  const std::string& mode_name, bool antialias, bool align_corners,
                                  std::optional<at::ArrayRef<double>> std, at::ScalarType dtype,
-                                 bool channels_last, Runner run) {
+                                 bool channels_last, bool nearest_channels_last, Runner run) {
   TORCH_CHECK_VALUE(input_shape.size() == 4, "msfast: input_shape must have 4 values, got ", input_shape);
   TORCH_CHECK_TYPE(is_float_type(dtype), "msfast: dtype must be a floating dtype, got ", dtype);
   const int mode = mode_from_string(mode_name);
@@ -186,8 +186,8 @@ at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& g
     }
     if (!scales.empty()) check_levels({g.size(2), g.size(3)}, {scales[k]}, mode, H, W);
     any = g;
-    const auto [ah, aw] = axes(g, mode, antialias, align_corners, channels_last, C, H, W, g.size(2), g.size(3),
-                               scales.empty() ? 0.0 : scales[k]);
+    const auto [ah, aw] = axes(g, mode, antialias, align_corners, nearest_channels_last, C, H, W, g.size(2),
+                               g.size(3), scales.empty() ? 0.0 : scales[k]);
     j.terms.push_back(Term{dense_in(g, channels_last), ah, aw, true});
   }
   TORCH_CHECK_VALUE(any.has_value(), "msfast: pyramid_backward needs at least one defined grad");
@@ -245,10 +245,10 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
     Job j;
     j.dst = dst.narrow(1, c0, f.size(1));
     j.channels_last = cl;
-    // The nearest rule follows the feature's own layout, as F.interpolate(f) does, not the
-    // call's; the data is read (made dense if need be) in the call's layout.
-    const auto [ah, aw] = axes(f, mode, false, align_corners, is_channels_last(f), f.size(1), f.size(2), f.size(3),
-                               H, W, 0.0);
+    // The nearest formulas follow the feature, as in F.interpolate(f), not the call's layout;
+    // the data is read (made dense if need be) in the call's layout.
+    const auto [ah, aw] = axes(f, mode, false, align_corners, resize_layouts(f, false).nearest_channels_last,
+                               f.size(1), f.size(2), f.size(3), H, W, 0.0);
     j.terms.push_back(Term{dense_in(f, cl), ah, aw, false});
     jobs.push_back(std::move(j));
     c0 += f.size(1);
@@ -260,7 +260,7 @@ at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::Int
 std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at::IntArrayRef feature_shapes,
                                                       const std::string& mode_name, bool align_corners,
                                                       bool channels_last,
-                                                      const c10::List<bool>& feature_channels_last, Runner run) {
+                                                      const c10::List<bool>& nearest_channels_last, Runner run) {
   check_4d(grad, "grad");
   TORCH_CHECK_TYPE(is_float_type(grad.scalar_type()), "msfast: grad must be floating, got ", grad.scalar_type());
   TORCH_CHECK_VALUE(!feature_shapes.empty() && feature_shapes.size() % 3 == 0,
@@ -270,9 +270,9 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
   int64_t Ctot = 0;
   for (size_t i = 0; i < feature_shapes.size(); i += 3) Ctot += feature_shapes[i];
   TORCH_CHECK_VALUE(Ctot == grad.size(1), "msfast: grad has ", grad.size(1), " channels, features sum to ", Ctot);
-  TORCH_CHECK_VALUE(feature_channels_last.size() * 3 == feature_shapes.size(),
-                    "msfast: feature_channels_last must hold one flag per feature (", feature_shapes.size() / 3,
-                    "), got ", feature_channels_last.size());
+  TORCH_CHECK_VALUE(nearest_channels_last.size() * 3 == feature_shapes.size(),
+                    "msfast: nearest_channels_last must hold one flag per feature (", feature_shapes.size() / 3,
+                    "), got ", nearest_channels_last.size());
   const at::Tensor g = dense_in(grad, channels_last);
   std::vector<at::Tensor> outs;
   std::vector<Job> jobs;
@@ -283,8 +283,8 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
     Job j;
     j.dst = empty_output({N, C, h, w}, grad.options(), channels_last);
     j.channels_last = channels_last;
-    // The adjoint of the forward's resize, so the same nearest rule: the feature's layout's.
-    const auto [ah, aw] = axes(grad, mode, false, align_corners, feature_channels_last.get(i / 3), C, h, w, H, W,
+    // The adjoint of the forward's resize, so the same nearest rule: the feature's.
+    const auto [ah, aw] = axes(grad, mode, false, align_corners, nearest_channels_last.get(i / 3), C, h, w, H, W,
                                0.0);
     j.terms.push_back(Term{g.narrow(1, c0, C), ah, aw, true});
     outs.push_back(j.dst);
@@ -299,19 +299,21 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad, at
 
 // Schemas. Sizes are SymInt so that torch.compile can trace dynamic shapes; the fake
 // kernels are registered from Python (msfast/_ops.py), the autograd formulas in
-// csrc/autograd.cpp.
+// csrc/autograd.cpp. In the backward operators, `channels_last` is the layout the gradients
+// are written in, and `nearest_channels_last` (one per input of the forward) the forward's
+// nearest formulas (plan.h: resize_layouts), which the adjoint must follow.
 TORCH_LIBRARY(msfast, m) {
   m.def(
       "pyramid(Tensor x, SymInt[] sizes, float[]? scales, str interpolation, bool antialias, bool align_corners, "
       "float[]? mean, float[]? std, ScalarType? out_dtype) -> Tensor[]");
   m.def(
       "pyramid_backward(Tensor?[] grads, SymInt[] input_shape, float[]? scales, str interpolation, bool antialias, "
-      "bool align_corners, float[]? std, ScalarType dtype, bool channels_last) -> Tensor");
+      "bool align_corners, float[]? std, ScalarType dtype, bool channels_last, bool nearest_channels_last) -> Tensor");
   m.def("upsample_concat(Tensor[] features, SymInt[] size, str interpolation, bool align_corners) -> Tensor");
   m.def(
       "upsample_concat.out(Tensor[] features, SymInt[] size, str interpolation, bool align_corners, *, "
       "Tensor(a!) out) -> ()");
   m.def(
       "upsample_concat_backward(Tensor grad, SymInt[] feature_shapes, str interpolation, bool align_corners, "
-      "bool channels_last, bool[] feature_channels_last) -> Tensor[]");
+      "bool channels_last, bool[] nearest_channels_last) -> Tensor[]");
 }

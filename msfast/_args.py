@@ -11,6 +11,7 @@ from numbers import Real
 from typing import NamedTuple
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 CONCAT_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
@@ -35,9 +36,13 @@ class PyramidArgs(NamedTuple):
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
-    """The layout rule of every msfast operator (C++ uses the same): channels_last when the
-    tensor is dense in channels_last order and not also plain contiguous."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """The layout rule of every msfast operator (C++ uses the same, csrc/msfast/plan.h):
+    channels_last when ATen's suggest_memory_format says so, the rule that gives
+    F.interpolate's output its memory format (a channels_last tensor sliced along C or W is
+    channels_last, a plain contiguous one is not). The fake kernels use it, so it must give
+    what Tensor.suggest_memory_format gives in C++; _prims_common's is its Python twin, the
+    one torch's own meta functions use."""
+    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
 
 
 def _check_tensor(t, name: str, dtypes) -> None:

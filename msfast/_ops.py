@@ -278,7 +278,10 @@ if _C is not None:
     @torch.library.register_fake("msfast::pyramid")
     def _pyramid_fake(x, sizes, scales, interpolation, antialias, align_corners, mean, std, out_dtype):
         dt = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
-        fmt = _layout(is_channels_last(x))
+        # The levels take the layout of the tensor F.interpolate resizes (plan.h: resize_layouts):
+        # x, or x_norm, a new tensor with empty_like(x)'s strides.
+        normalized = x.dtype == torch.uint8 or dt != x.dtype or mean is not None or std is not None
+        fmt = _layout(is_channels_last(torch.empty_like(x) if normalized else x))
         N, C = x.shape[0], x.shape[1]
         return [
             torch.empty((N, C, sizes[2 * k], sizes[2 * k + 1]), dtype=dt, device=x.device, memory_format=fmt)
@@ -287,7 +290,7 @@ if _C is not None:
 
     @torch.library.register_fake("msfast::pyramid_backward")
     def _pyramid_backward_fake(grads, input_shape, scales, interpolation, antialias, align_corners, std, dtype,
-                               channels_last):
+                               channels_last, nearest_channels_last):
         g = next(g for g in grads if g is not None)
         return torch.empty(list(input_shape), dtype=dtype, device=g.device, memory_format=_layout(channels_last))
 
@@ -312,7 +315,7 @@ if _C is not None:
 
     @torch.library.register_fake("msfast::upsample_concat_backward")
     def _concat_backward_fake(grad, feature_shapes, interpolation, align_corners, channels_last,
-                              feature_channels_last):
+                              nearest_channels_last):
         fmt = _layout(channels_last)
         return [
             torch.empty((grad.shape[0], *feature_shapes[i : i + 3]), dtype=grad.dtype, device=grad.device,

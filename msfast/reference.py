@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._args import concat_args, pyramid_args
+from ._args import concat_args, is_channels_last, pyramid_args
 
 __all__ = ["pyramid", "upsample_concat", "normalize"]
 
@@ -64,8 +64,7 @@ def _one_column_antialias(x, where, kw):
     if "size" in where:
         where = {"size": where["size"][::-1]}
     out = F.interpolate(x.transpose(2, 3), **where, **kw).transpose(2, 3)
-    return out.contiguous(memory_format=torch.channels_last if x.is_contiguous(
-        memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
+    return out.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
 
 
 def upsample_concat(features, size, *, mode="bilinear", align_corners=None, out=None):

@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfast
 from msfast import reference
+
+# torch.compile's on-disk caches (Inductor's FX graph cache, the AOTAutograd cache) key a graph
+# by the operators it calls, not by their code: a graph cached by an earlier build of msfast
+# can call an operator with the arguments of its old schema. The tests compile into a cache
+# of their own (read when a compile first needs it; subprocesses inherit it), removed at exit.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="msfast-tests-inductor-")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -215,7 +215,7 @@ def test_backward_ops_without_grad_record_nothing(gen):
     """The backward operators called directly, no input requiring grad: plain results."""
     g = randn(gen, 1, 3, 4, 4)
     gx = OPS.pyramid_backward([g, None], [1, 3, 8, 8], [0.5, 1.0], "bilinear", False, False, None,
-                              torch.float32, False)
+                              torch.float32, False, False)
     assert gx.grad_fn is None and gx.shape == (1, 3, 8, 8)
     parts = OPS.upsample_concat_backward(randn(gen, 1, 5, 6, 6), [2, 3, 3, 3, 4, 4], "bilinear", False, False,
                                         [False, False])

@@ -241,34 +241,36 @@ RAW_ERRORS = {
                              ("RuntimeError",)),
     "pyr_x_none": ("ops.pyramid(None, [3, 4], [], 'bilinear', True, False, None, None, None)",
                    ("RuntimeError", "NotImplementedError")),
-    "pyb_no_grads": ("ops.pyramid_backward([None], [1, 2, 5, 6], [], 'bilinear', True, False, None, f32, False)",
+    "pyb_no_grads": ("ops.pyramid_backward([None], [1, 2, 5, 6], [], 'bilinear', True, False, None, f32, False, False)",
                      ("RuntimeError", "NotImplementedError", "ValueError")),
-    "pyb_empty_grads": ("ops.pyramid_backward([], [1, 2, 5, 6], [], 'bilinear', True, False, None, f32, False)",
+    "pyb_empty_grads": ("ops.pyramid_backward([], [1, 2, 5, 6], [], 'bilinear', True, False, None, f32, False, False)",
                         ("RuntimeError", "NotImplementedError", "ValueError")),
-    "pyb_shape_3": ("ops.pyramid_backward([f], [2, 5, 6], [], 'bilinear', True, False, None, f32, False)",
+    "pyb_shape_3": ("ops.pyramid_backward([f], [2, 5, 6], [], 'bilinear', True, False, None, f32, False, False)",
                     ("ValueError",)),
-    "pyb_batch": ("ops.pyramid_backward([f], [2, 2, 5, 6], [], 'bilinear', True, False, None, f32, False)",
+    "pyb_batch": ("ops.pyramid_backward([f], [2, 2, 5, 6], [], 'bilinear', True, False, None, f32, False, False)",
                   ("ValueError",)),
-    "pyb_channels": ("ops.pyramid_backward([f], [1, 3, 5, 6], [], 'bilinear', True, False, None, f32, False)",
+    "pyb_channels": ("ops.pyramid_backward([f], [1, 3, 5, 6], [], 'bilinear', True, False, None, f32, False, False)",
                      ("ValueError",)),
     "pyb_negative_shape": ("ops.pyramid_backward([f], [1, 2, -5, 6], [], 'bilinear', True, False, None, f32, "
-                           "False)", ("RuntimeError", "ValueError")),
+                           "False, False)", ("RuntimeError", "ValueError")),
     "pyb_dtype_int": ("ops.pyramid_backward([f], [1, 2, 5, 6], [], 'bilinear', True, False, None, torch.int64, "
-                      "False)", ("TypeError",)),
-    "pyb_grad_int": ("ops.pyramid_backward([f.int()], [1, 2, 5, 6], [], 'bilinear', True, False, None, f32, False)",
+                      "False, False)", ("TypeError",)),
+    "pyb_grad_int": ("ops.pyramid_backward([f.int()], [1, 2, 5, 6], [], 'bilinear', True, False, None, f32, False, "
+                     "False)",
                      ("TypeError",)),
     "pyb_grad_3d": ("ops.pyramid_backward([torch.randn(2, 3, 4)], [1, 2, 5, 6], [], 'bilinear', True, False, None, "
-                    "f32, False)", ("ValueError",)),
+                    "f32, False, False)", ("ValueError",)),
     "pyb_mixed_dtypes": ("ops.pyramid_backward([f, f.double()], [1, 2, 5, 6], [], 'bilinear', True, False, None, "
-                         "f32, False)", ("TypeError",)),
+                         "f32, False, False)", ("TypeError",)),
     "pyb_scales_count": ("ops.pyramid_backward([f], [1, 2, 5, 6], [0.5, 0.5], 'bilinear', True, False, None, f32, "
-                         "False)", ("ValueError",)),
-    "pyb_std_zero": ("ops.pyramid_backward([f], [1, 2, 5, 6], [], 'bilinear', True, False, [0.0, 1.0], f32, False)",
+                         "False, False)", ("ValueError",)),
+    "pyb_std_zero": ("ops.pyramid_backward([f], [1, 2, 5, 6], [], 'bilinear', True, False, [0.0, 1.0], f32, False, "
+                     "False)",
                      ("ValueError",)),
-    "pyb_mode_foo": ("ops.pyramid_backward([f], [1, 2, 5, 6], [], 'foo', False, False, None, f32, False)",
+    "pyb_mode_foo": ("ops.pyramid_backward([f], [1, 2, 5, 6], [], 'foo', False, False, None, f32, False, False)",
                      ("ValueError",)),
     "pyb_antialias_nearest": ("ops.pyramid_backward([f], [1, 2, 5, 6], [], 'nearest', True, False, None, f32, "
-                              "False)", ("ValueError",)),
+                              "False, False)", ("ValueError",)),
     "uc_empty": ("ops.upsample_concat([], [3, 4], 'bilinear', False)",
                  ("RuntimeError", "NotImplementedError", "ValueError")),
     "uc_size_length": ("ops.upsample_concat([f], [3], 'bilinear', False)", ("ValueError",)),
@@ -365,19 +367,19 @@ def test_raw_ops_bad_arguments_raise_and_do_not_crash(route):
 # (or return a well-formed result), not corrupt memory or kill the interpreter.
 RAW_MEMORY_SAFETY = {
     "pyramid_backward_zero_height_input_shape": (
-        "ops.pyramid_backward([f], [1, 2, 0, 6], [], 'bilinear', True, False, None, f32, False)"),
+        "ops.pyramid_backward([f], [1, 2, 0, 6], [], 'bilinear', True, False, None, f32, False, False)"),
     "pyramid_backward_zero_width_input_shape": (
-        "ops.pyramid_backward([f], [1, 2, 5, 0], [], 'nearest', False, False, None, f32, False)"),
+        "ops.pyramid_backward([f], [1, 2, 5, 0], [], 'nearest', False, False, None, f32, False, False)"),
     "pyramid_backward_zero_height_grad": (
         "ops.pyramid_backward([torch.randn(1, 2, 0, 4)], [1, 2, 5, 6], [], 'bilinear', False, False, None, f32, "
-        "False)"),
+        "False, False)"),
     "upsample_concat_backward_zero_height_grad": (
         "ops.upsample_concat_backward(torch.randn(1, 2, 0, 4), [2, 3, 3], 'bilinear', False, False, [False])"),
     "pyramid_sizes_inconsistent_with_scales_antialias": (
         "ops.pyramid(x, [200, 240], [0.5], 'bicubic', True, False, None, None, None)"),
     "pyramid_backward_sizes_inconsistent_with_scales_antialias": (
         "ops.pyramid_backward([torch.randn(1, 2, 200, 240)], [1, 2, 5, 6], [0.5], 'bilinear', True, False, None, f32, "
-        "False)"),
+        "False, False)"),
 }
 
 

@@ -46,15 +46,21 @@ PYRAMID_BACKWARD_CASES = {
         ops.pyramid_backward.default,
         ([randn(g, 2, 3, 3, 4, dtype=torch.float64, device=d, requires_grad=True), None,
           randn(g, 2, 3, 11, 15, dtype=torch.float64, device=d, requires_grad=True)],
-         [2, 3, 7, 9], [0.5, 1.0, 1.7], "bilinear", True, False, [1.0, 2.0, 3.0], torch.float64, False), {}),
+         [2, 3, 7, 9], [0.5, 1.0, 1.7], "bilinear", True, False, [1.0, 2.0, 3.0], torch.float64, False,
+         False), {}),
     "by_sizes_channels_last": lambda g, d: (
         ops.pyramid_backward.default,
         ([randn(g, 2, 3, 3, 4, dtype=torch.float64, device=d, channels_last=True, requires_grad=True),
           randn(g, 2, 3, 9, 5, dtype=torch.float64, device=d, channels_last=True, requires_grad=True)],
-         [2, 3, 7, 9], [], "bicubic", False, True, None, torch.float64, True), {}),
+         [2, 3, 7, 9], [], "bicubic", False, True, None, torch.float64, True, True), {}),
     "float32_grads_to_float16": lambda g, d: (
         ops.pyramid_backward.default,
-        ([randn(g, 2, 3, 3, 4, device=d)], [2, 3, 7, 9], [], "area", False, False, None, torch.float16, False), {}),
+        ([randn(g, 2, 3, 3, 4, device=d)], [2, 3, 7, 9], [], "area", False, False, None, torch.float16, False,
+         False), {}),
+    "nearest_formulas_of_another_layout": lambda g, d: (
+        ops.pyramid_backward.default,
+        ([randn(g, 2, 5, 70, 90, dtype=torch.float64, device=d, requires_grad=True)], [2, 5, 12, 27], [], "nearest",
+         False, False, None, torch.float64, False, True), {}),
 }
 
 CONCAT_CASES = {

@@ -32,7 +32,7 @@ inline auto pyramid_backward_op() {
                        .findSchemaOrThrow("msfast::pyramid_backward", "")
                        .typed<at::Tensor(const c10::List<std::optional<at::Tensor>>&, c10::SymIntArrayRef,
                                          OptDoubles, std::string, bool, bool, OptDoubles, at::ScalarType,
-                                         bool)>();
+                                         bool, bool)>();
   return op;
 }
 inline auto upsample_concat_op() {

@@ -91,7 +91,7 @@ at::Tensor pyramid_backward_impl(const std::vector<std::optional<at::Tensor>>& g
                                  at::ArrayRef<double> scales, const std::string& mode,
                                  bool antialias, bool align_corners,
                                  std::optional<at::ArrayRef<double>> std, at::ScalarType dtype,
-                                 bool channels_last, Runner run);
+                                 bool channels_last, bool nearest_channels_last, Runner run);
 
 at::Tensor upsample_concat_impl(const std::vector<at::Tensor>& features, at::IntArrayRef size,
                                 const std::string& mode, bool align_corners,
@@ -101,7 +101,7 @@ std::vector<at::Tensor> upsample_concat_backward_impl(const at::Tensor& grad,
                                                       at::IntArrayRef feature_shapes,
                                                       const std::string& mode, bool align_corners,
                                                       bool channels_last,
-                                                      const c10::List<bool>& feature_channels_last, Runner run);
+                                                      const c10::List<bool>& nearest_channels_last, Runner run);
 
 }  // namespace msfast
 
@@ -125,10 +125,10 @@ struct Kernels {
   static at::Tensor pyramid_backward(const c10::List<std::optional<at::Tensor>>& grads, at::IntArrayRef input_shape,
                                      std::optional<at::ArrayRef<double>> scales, std::string mode,
                                      bool antialias, bool align_corners, std::optional<at::ArrayRef<double>> std,
-                                     at::ScalarType dtype, bool channels_last) {
+                                     at::ScalarType dtype, bool channels_last, bool nearest_channels_last) {
     std::vector<std::optional<at::Tensor>> g(grads.begin(), grads.end());
-    return pyramid_backward_impl(g, input_shape, scales.value_or(at::ArrayRef<double>{}), mode, antialias, align_corners, std, dtype,
-                                 channels_last, run);
+    return pyramid_backward_impl(g, input_shape, scales.value_or(at::ArrayRef<double>{}), mode, antialias,
+                                 align_corners, std, dtype, channels_last, nearest_channels_last, run);
   }
   // Tensor[] as at::TensorList: the C++ autograd kernels (csrc/autograd.cpp) call these
   // unboxed, and the dispatcher finds the dispatch keys of a TensorList (not of a std::vector).
@@ -142,9 +142,9 @@ struct Kernels {
   }
   static std::vector<at::Tensor> upsample_concat_backward(const at::Tensor& grad, at::IntArrayRef feature_shapes,
                                                           std::string mode, bool align_corners, bool channels_last,
-                                                          const c10::List<bool>& feature_channels_last) {
+                                                          const c10::List<bool>& nearest_channels_last) {
     return upsample_concat_backward_impl(grad, feature_shapes, mode, align_corners, channels_last,
-                                         feature_channels_last, run);
+                                         nearest_channels_last, run);
   }
   static void register_all(torch::Library& m) {
     m.impl("pyramid", &pyramid);

@@ -166,9 +166,37 @@ inline View make_view(const at::Tensor& t, bool channels_last) {
 }
 
 // The layout rule of every operator (msfast/_args.py:is_channels_last is the same): a call
-// runs channels_last when its tensor is dense in that order and not also plain contiguous.
+// runs channels_last when ATen's suggest_memory_format says so, the rule that gives
+// F.interpolate's output its memory format. So a channels_last tensor sliced along C or W
+// (not dense) runs, and returns, channels_last as it does in F.interpolate.
 inline bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+inline bool pyramid_normalizes(at::ScalarType in, at::ScalarType out, bool mean, bool std) {
+  return in == at::kByte || in != out || mean || std;
+}
+
+// The layouts of one resize, both as F.interpolate takes them from the tensor it resizes:
+// `channels_last`, the layout the call runs in and returns (is_channels_last), and
+// `nearest_channels_last`, whether that tensor is channels_last contiguous, which picks ATen's
+// CPU nearest formulas (index_math.h: NearestRule). The tensor is x itself, or for a normalized
+// pyramid (pyramid_normalizes) x_norm: a new tensor with empty_like(x)'s strides, x's where x
+// is dense, else dense in x's stride order (infer_dense_strides), which an empty meta tensor
+// stands for here. (A symbolic shape is made concrete in that one case.)
+struct Layouts {
+  bool channels_last;
+  bool nearest_channels_last;
+};
+inline Layouts resize_layouts(const at::Tensor& x, bool normalized) {
+  if (!normalized || x.is_non_overlapping_and_dense())
+    return {is_channels_last(x), x.is_contiguous(at::MemoryFormat::ChannelsLast)};
+  std::vector<int64_t> sizes, strides;
+  for (const auto& v : x.sym_sizes()) sizes.push_back(v.guard_int(__FILE__, __LINE__));
+  for (const auto& v : x.sym_strides()) strides.push_back(v.guard_int(__FILE__, __LINE__));
+  const auto like = at::empty_strided(sizes, at::infer_dense_strides(sizes, strides),
+                                      at::TensorOptions().dtype(x.dtype()).device(at::kMeta));
+  return {is_channels_last(like), like.is_contiguous(at::MemoryFormat::ChannelsLast)};
 }
 
 inline at::MemoryFormat format_of(bool channels_last) {
