@@ -52,9 +52,9 @@ def _input(layout, shape, dtype, gen):
 def test_levels_take_the_reference_memory_format(layout, shape, normalize, gen):
     x = _input(layout, shape, torch.float32, gen)
     kw = {"mean": [0.25] * shape[0], "std": [0.5] * shape[0]} if normalize else {}
-    for mode in ("bilinear", "nearest"):
-        got = msfast.pyramid(x, sizes=[(7, 9), (3, 4)], mode=mode, **kw)
-        want = ref_pyramid(x, sizes=[(7, 9), (3, 4)], mode=mode, **kw)
+    for mode, antialias in (("bilinear", True), ("bicubic", False), ("nearest", False), ("area", False)):
+        got = msfast.pyramid(x, sizes=[(7, 9), (3, 4)], mode=mode, antialias=antialias, **kw)
+        want = ref_pyramid(x, sizes=[(7, 9), (3, 4)], mode=mode, antialias=antialias, **kw)
         for k, (o, r) in enumerate(zip(got, want)):
             assert _format(o) == _format(r), f"{mode} level {k}: strides {o.stride()}, reference {r.stride()}"
             torch.testing.assert_close(o, r, **tol(torch.float32))
@@ -65,10 +65,11 @@ def test_levels_take_the_reference_memory_format(layout, shape, normalize, gen):
 def test_upsample_concat_takes_the_reference_memory_format(layout, shape, gen):
     """One feature: the output's layout is F.interpolate's (with several, features[0] decides)."""
     f = _input(layout, shape, torch.float32, gen)
-    got = msfast.upsample_concat([f], (7, 9))
-    want = ref_upsample_concat([f], (7, 9))
-    assert _format(got) == _format(want), f"strides {got.stride()}, reference {want.stride()}"
-    torch.testing.assert_close(got, want, **tol(torch.float32))
+    for mode in ("bilinear", "bicubic", "nearest-exact"):
+        got = msfast.upsample_concat([f], (7, 9), mode=mode)
+        want = ref_upsample_concat([f], (7, 9), mode=mode)
+        assert _format(got) == _format(want), f"{mode}: strides {got.stride()}, reference {want.stride()}"
+        torch.testing.assert_close(got, want, **tol(torch.float32, upscale=True))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
