@@ -45,8 +45,12 @@ LAYOUTS = {
     "expanded_batch": (lambda N, C, H, W: (1, C, H, W), lambda t, N, C, H, W: t.expand(N, C, H, W)),
     "zero_stride_rows": (lambda N, C, H, W: (N, C, 1, W), lambda t, N, C, H, W: t.expand(N, C, H, W)),
     "zero_stride_channels": (lambda N, C, H, W: (N, 1, H, W), lambda t, N, C, H, W: t.expand(N, C, H, W)),
+    # channels_last strides that are not dense: one image broadcast to a batch (ATen calls it
+    # NCHW, its normalized copy channels_last), and every other column.
+    "channels_last_expanded": (lambda N, C, H, W: (1, C, H, W), lambda t, N, C, H, W: t.expand(N, C, H, W)),
+    "channels_last_strided": (lambda N, C, H, W: (N, C, H, 2 * W), lambda t, N, C, H, W: t[..., ::2]),
 }
-CL_LEAF = ("channels_last", "channels_last_sliced")
+CL_LEAF = ("channels_last", "channels_last_sliced", "channels_last_expanded", "channels_last_strided")
 
 
 def _make(seed, shape, dtype, layout, device, requires_grad=False):

@@ -24,25 +24,12 @@ def _format(t: torch.Tensor):
     return t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
 
 
-# Every fuzzed layout, plus channels_last leaves of the views that can come from one (a batch
-# broadcast from one channels_last image, a channels_last tensor's columns).
-def _cl_expanded(gen, C, H, W, dtype):
-    return randn(gen, 1, C, H, W, dtype=dtype, channels_last=True).expand(2, C, H, W)
-
-
-def _cl_every_other_column(gen, C, H, W, dtype):
-    return randn(gen, 2, C, H, 2 * W, dtype=dtype, channels_last=True)[..., ::2]
-
-
-EXTRA = {"channels_last_expanded": _cl_expanded, "channels_last_every_other_column": _cl_every_other_column}
-ALL_LAYOUTS = list(LAYOUTS) + list(EXTRA)
+ALL_LAYOUTS = list(LAYOUTS)  # every fuzzed layout, channels_last ones sliced, strided and expanded included
 SHAPES = [(1, 5, 6), (3, 5, 6), (4, 5, 6), (4, 1, 6), (4, 1, 1), (5, 7, 1)]
 
 
 def _input(layout, shape, dtype, gen):
     C, H, W = shape
-    if layout in EXTRA:
-        return EXTRA[layout](gen, C, H, W, dtype)
     return _make(int(torch.randint(0, 2**31, (1,), generator=gen)), (2, C, H, W), dtype, layout, "cpu")[1]
 
 
