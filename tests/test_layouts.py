@@ -66,7 +66,9 @@ def test_fake_kernels_give_the_real_strides(layout, shape, gen):
     twin of the C++ rule: on meta tensors of the same strides they give the same outputs."""
     x = _input(layout, shape, torch.float32, gen)
     meta = torch.empty_strided(x.shape, x.stride(), device="meta")
+    norm = {"mean": [0.5] * shape[0]}
     for got, fake in ((msfast.pyramid(x, sizes=[(7, 9)])[0], msfast.pyramid(meta, sizes=[(7, 9)])[0]),
+                      (msfast.pyramid(x, sizes=[(7, 9)], **norm)[0], msfast.pyramid(meta, sizes=[(7, 9)], **norm)[0]),
                       (msfast.upsample_concat([x, x], (7, 9)), msfast.upsample_concat([meta, meta], (7, 9)))):
         assert fake.device.type == "meta" and fake.stride() == got.stride()
 
