@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfast
@@ -225,6 +226,17 @@ def run_python(code: str, env_extra: dict | None = None, timeout: float = 240) -
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def resize_adjoint(g: torch.Tensor, h: int, w: int, mode: str, channels_last: bool = False) -> torch.Tensor:
+    """The adjoint of F.interpolate(., size=g's (H, W), mode=mode) applied to g [N, C, H, W], in
+    float64, from the resize's matrix: F.interpolate of the h * w basis images with g's C
+    channels in the given layout (C and the layout pick ATen's CPU nearest formulas)."""
+    N, C, H, W = g.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w).expand(h * w, C, h, w)
+    M = F.interpolate(basis.contiguous(memory_format=fmt), size=(H, W), mode=mode)[:, 0].reshape(h * w, -1)
+    return (g.reshape(N * C, -1) @ M.T).view(N, C, h, w)
 
 
 def aa_weights(n_in: int, n_out: int, mode: str, align_corners: bool = False, scale_factor: float | None = None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn, ref_pyramid, ref_upsample_concat, tol
+from conftest import randn, ref_pyramid, ref_upsample_concat, resize_adjoint, tol
 from test_fuzz import LAYOUTS, _make
 
 import msfast
@@ -106,14 +106,12 @@ def test_pyramid_nearest_backward_of_a_sliced_channels_last_input(mode, normaliz
     (level,) = msfast.pyramid(x, sizes=[size], mode=mode, **kw)
     g = randn(gen, *level.shape, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(level, x, g, create_graph=True)
-    # The basis images, 8 channels so that the channels-last formulas apply where they would.
-    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w).expand(h * w, 8, h, w)
-    fmt = torch.channels_last if normalize else torch.contiguous_format
-    M = F.interpolate(basis.contiguous(memory_format=fmt), size=size, mode=mode)[:, 0].reshape(h * w, -1).T
-    want = (g.detach().reshape(16, -1) @ M).view(2, 8, h, w) / (std if normalize else 1.0)
+    # The resize the reference makes: of x itself (generic formulas), or of x_norm (channels_last).
+    want = resize_adjoint(g.detach(), h, w, mode, channels_last=normalize) / (std if normalize else 1.0)
     torch.testing.assert_close(gx, want, rtol=0, atol=1e-12)
     gg = randn(gen, *gx.shape, dtype=torch.float64)
     (g2,) = torch.autograd.grad(gx, g, gg)
     scaled = gg / std if normalize else gg
+    fmt = torch.channels_last if normalize else torch.contiguous_format
     torch.testing.assert_close(g2, F.interpolate(scaled.contiguous(memory_format=fmt), size=size, mode=mode),
                                rtol=0, atol=1e-12)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONCAT_MODES, FLOAT_DTYPES, INTERPOLATING, is_channels_last, randn, ref_upsample_concat, tol
+from conftest import (
+    CONCAT_MODES,
+    FLOAT_DTYPES,
+    INTERPOLATING,
+    is_channels_last,
+    randn,
+    ref_upsample_concat,
+    resize_adjoint,
+    tol,
+)
 
 import msfast
 
@@ -414,7 +423,8 @@ def test_nearest_backward_follows_each_features_layout(mode, case, gen):
     """The backward (and the backward of the backward) of a call whose features' layouts differ:
     each feature's gradient is the adjoint of its own resize, with its own nearest formulas, and
     the double backward resizes each incoming gradient as its feature was. The adjoint comes from
-    the forward's matrix, built with F.interpolate on basis images in the feature's layout."""
+    the forward's matrix, built with F.interpolate on basis images in the feature's layout
+    (conftest: resize_adjoint)."""
     layouts = MIXED_LAYOUTS[case][0]
     h, w, size = 12, 12, (92, 74)
     feats = _mixed(gen, layouts, C=4, src=(h, w), requires_grad=True)
@@ -423,11 +433,7 @@ def test_nearest_backward_follows_each_features_layout(mode, case, gen):
     g = randn(gen, *out.shape, dtype=torch.float64, requires_grad=True)
     grads = torch.autograd.grad(out, feats, g, create_graph=True)
     for i, lay in enumerate(layouts):
-        fmt = torch.channels_last if lay == "channels_last" else torch.contiguous_format
-        basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w).expand(h * w, 4, h, w)
-        M = F.interpolate(basis.contiguous(memory_format=fmt), size=size, mode=mode)[:, 0].reshape(h * w, -1).T
-        gi = g.detach()[:, 4 * i:4 * i + 4].reshape(2 * 4, -1)
-        want_i = (gi @ M).view(2, 4, h, w)
+        want_i = resize_adjoint(g.detach()[:, 4 * i:4 * i + 4], h, w, mode, channels_last=lay == "channels_last")
         torch.testing.assert_close(grads[i], want_i, rtol=0, atol=1e-12, msg=lambda m, i=i: f"features[{i}]: {m}")
     ggs = [randn(gen, *gr.shape, dtype=torch.float64) for gr in grads]
     (gg_out,) = torch.autograd.grad(grads, g, ggs)
@@ -442,13 +448,11 @@ def test_nearest_backward_is_the_adjoint_of_the_forward(mode, src, size, gen):
     """In float64, with h + w > 128, ATen's nearest backward is not the adjoint of its own forward
     (its backward takes other formulas: gradients up to 9 apart here); msfast's backward is the
     adjoint of the forward, which equals F.interpolate's. The adjoint comes from the forward's
-    matrix, built column by column with F.interpolate."""
+    matrix, built with F.interpolate (conftest: resize_adjoint)."""
     h, w = src
     x = randn(gen, 1, 1, h, w, dtype=torch.float64, requires_grad=True)
     out = msfast.upsample_concat([x], size, mode=mode)
     assert torch.equal(out, ref_upsample_concat([x.detach()], size, mode=mode))
     g = randn(gen, *out.shape, dtype=torch.float64)
     (got,) = torch.autograd.grad(out, x, g)
-    eye = torch.eye(h * w, dtype=torch.float64)
-    M = torch.stack([F.interpolate(eye[j].view(1, 1, h, w), size=size, mode=mode).flatten() for j in range(h * w)], 1)
-    torch.testing.assert_close(got, (M.T @ g.flatten()).view(1, 1, h, w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, resize_adjoint(g, h, w, mode), rtol=0, atol=1e-12)
