@@ -13,9 +13,10 @@ import os
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
-from . import reference
-from ._args import concat_args, is_channels_last, pyramid_args
+from . import _func, reference
+from ._args import concat_args, is_channels_last, pyramid_args, pyramid_normalizes
 
 __all__ = ["pyramid", "upsample_concat", "fallback_reason", "kernels_available", "empty_cache"]
 
@@ -157,6 +158,7 @@ def _use_kernels(device: torch.device) -> bool:
 
 
 _tf_mode = torch._C._is_torch_function_mode_enabled
+_peek = torch._C._functorch.peek_interpreter_stack
 
 
 def _direct(t: torch.Tensor) -> bool:
@@ -164,9 +166,12 @@ def _direct(t: torch.Tensor) -> bool:
     than through torch.ops, whose argument conversion costs about 5 us a call: for a plain
     tensor (a subclass may override __torch_function__, which only torch.ops honours), with no
     torch_function mode active (it must see the operator), outside torch.compile (Dynamo traces
-    torch.ops, not an extension's functions). Both reach the same dispatcher: autograd, the
-    device kernels and torch_dispatch modes behave the same."""
-    return type(t) is torch.Tensor and not _tf_mode() and not torch.compiler.is_compiling()
+    torch.ops, not an extension's functions), and with no torch.func transform or forward-mode
+    AD active (those take msfast/_func.py's Python Functions; the test is _func.active's, inlined:
+    a function call costs a tenth of a microsecond here). Both routes reach the same dispatcher:
+    autograd, the device kernels and torch_dispatch modes behave the same."""
+    return (type(t) is torch.Tensor and not _tf_mode() and not torch.compiler.is_compiling()
+            and _fwad._current_level < 0 and _peek() is None)
 
 
 def _layout(channels_last: bool):
@@ -213,8 +218,11 @@ def pyramid(
     if not _use_kernels(x.device):
         return reference.pyramid(x, scales, sizes, mode=mode, antialias=antialias, align_corners=align_corners,
                                  mean=mean, std=std, out_dtype=out_dtype)
-    op = _C.pyramid if _direct(x) else _OPS.pyramid
-    return op(x, a.flat, a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
+    if _direct(x):
+        return _C.pyramid(x, a.flat, a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
+    if _func.active():
+        return _func.pyramid(x, a)
+    return _OPS.pyramid(x, a.flat, a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
 
 
 def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bool | None = None,
@@ -241,7 +249,10 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
     if not _use_kernels(features[0].device):
         return reference.upsample_concat(features, size, mode=mode, align_corners=align_corners, out=out)
     direct = all(type(f) is torch.Tensor for f in features) and _direct(features[0])
+    transformed = not direct and _func.active()
     if out is None:
+        if transformed:
+            return _func.upsample_concat(features, size, mode, align_corners)
         op = _C.upsample_concat if direct else _OPS.upsample_concat
         return op(features, list(size), mode, align_corners)
     if torch.is_grad_enabled() and any(f.requires_grad for f in features):
@@ -249,7 +260,9 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
             "msfast.upsample_concat(out=...) does not support automatic differentiation: "
             "call it without out= when the features require grad"
         )
-    if direct and type(out) is torch.Tensor:
+    if transformed:  # no batching rule for an operator with out= (out may not be batched): a copy
+        out.copy_(_func.upsample_concat(features, size, mode, align_corners))
+    elif direct and type(out) is torch.Tensor:
         _C.upsample_concat_out(features, list(size), mode, align_corners, out)
     else:
         _OPS.upsample_concat_out(features, list(size), mode, align_corners, out=out)
@@ -272,6 +285,8 @@ class _Overloads:
 
 
 _OPS = _Overloads() if _C is not None else None
+if _OPS is not None:
+    _func.install(_OPS)
 
 if _C is not None:
 
@@ -280,7 +295,7 @@ if _C is not None:
         dt = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
         # The levels take the layout of the tensor F.interpolate resizes (plan.h: resize_layouts):
         # x, or x_norm, a new tensor with empty_like(x)'s strides.
-        normalized = x.dtype == torch.uint8 or dt != x.dtype or mean is not None or std is not None
+        normalized = pyramid_normalizes(x.dtype, dt, mean, std)
         fmt = _layout(is_channels_last(torch.empty_like(x) if normalized else x))
         N, C = x.shape[0], x.shape[1]
         return [

@@ -5,14 +5,14 @@ autograd kernels (csrc/autograd.cpp) record a graph only where one is needed.
 
 Checked here: the two routes give the same bits; tensor subclasses, torch_function modes and
 torch.compile take torch.ops; torch_dispatch modes, the profiler and torch.jit.trace see the
-operator on either route; no graph without grad, one with it; forward-mode AD still raises; and
-the cache of checked pyramid arguments (msfast/_args.py) returns only what the checks would."""
+operator on either route; no graph without grad, one with it; and the cache of checked pyramid
+arguments (msfast/_args.py) returns only what the checks would. torch.func transforms and
+forward-mode AD, which take a Python route: tests/test_func.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.autograd.forward_ad as fwAD
 from conftest import GRAD_TOL, DispatchLog, make_input, randn, ref_pyramid, ref_upsample_concat, tol
 from torch.overrides import TorchFunctionMode
 
@@ -220,20 +220,6 @@ def test_backward_ops_without_grad_record_nothing(gen):
     parts = OPS.upsample_concat_backward(randn(gen, 1, 5, 6, 6), [2, 3, 3, 3, 4, 4], "bilinear", False, False,
                                         [False, False])
     assert [p.shape[1] for p in parts] == [2, 3] and all(p.grad_fn is None for p in parts)
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD scripts a helper on first use
-@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
-def test_forward_ad_raises(grad_mode, gen):
-    """Forward-mode AD is not implemented: a dual input raises rather than losing its tangent,
-    in grad mode and without it."""
-    x, t = randn(gen, 1, 3, 8, 8), randn(gen, 1, 3, 8, 8)
-    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
-        dual = fwAD.make_dual(x, t)
-        with pytest.raises(RuntimeError, match="jvp"):
-            msfast.pyramid(dual, [0.5])
-        with pytest.raises(RuntimeError, match="jvp"):
-            msfast.upsample_concat([x, dual], (4, 4))
 
 
 # ------------------------------------------------------------ the cache of checked arguments

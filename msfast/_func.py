@@ -1,0 +1,281 @@
+"""torch.func transforms and forward-mode AD for the two operators.
+
+The operators' autograd formulas are C++ (csrc/autograd.cpp, torch::autograd::Function: a
+few microseconds a call, and a node that compiled autograd traces). functorch refuses a C++
+Function under its transforms ("cannot use C++ torch::autograd::Function with functorch
+transforms"), and a C++ Function has no forward-mode formula. So while a transform (vmap,
+grad, vjp, jvp, jacrev, jacfwd, hessian) or forward-mode AD is active (`active`),
+msfast.pyramid and msfast.upsample_concat go through the Python Functions below. Their
+formulas are the C++ ones: each operator is linear in its tensors, so its backward is another
+operator, the backward of a backward is the forward again, and an output's tangent is the
+operator applied to the input's tangent (without the mean, which is not linear).
+
+Batching is one vmap rule per operator (torch.library.register_vmap, installed by `install`):
+it folds the vmapped dimension into N, so it serves torch.vmap of the raw operators too, and
+the Functions' generated vmap rules reach it. A folded batch is resized as each sample would
+be alone: the same layout and nearest formulas (`_fold`), so that vmap gives what a loop over
+the samples gives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as _fwad
+import torch.nn.functional as F
+from torch._prims_common import is_channels_last_contiguous, is_contiguous
+
+from ._args import is_channels_last, pyramid_normalizes, resize_layouts
+
+_OPS = None  # the operators' overloads (msfast._ops._Overloads), set by install()
+_peek = torch._C._functorch.peek_interpreter_stack
+
+
+def active() -> bool:
+    """Whether a torch.func transform or forward-mode AD is active: calls then take the Python
+    Functions. Never while torch.compile traces (it traces the operators themselves)."""
+    return not torch.compiler.is_compiling() and (_fwad._current_level >= 0 or _peek() is not None)
+
+
+def _dense_in(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t dense in the given layout (csrc/msfast/plan.h: dense_in), so that an operator that
+    takes its nearest formulas from its input takes those of the forward it undoes. Built from
+    permutes and contiguous(), which vmap batches (Tensor.contiguous(memory_format=...) it
+    does not)."""
+    if channels_last:
+        return t if is_channels_last_contiguous(t) else t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return t if is_contiguous(t) else t.contiguous()
+
+
+class _Static:
+    """A Function's non-tensor arguments as one opaque value: functorch's generated vmap rules
+    flatten a Function's inputs as pytrees and match its gradients to them leaf by leaf, where
+    a list argument would count as its elements."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args):
+        self.args = args
+
+
+class _PyramidFn(torch.autograd.Function):
+    """pyramid(x, *static.args), the operator's arguments after x."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(static, x):
+        return tuple(_OPS.pyramid(x, *static.args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        static, x = inputs
+        flat, scales, mode, antialias, align_corners, mean, std, _ = static.args
+        ctx.set_materialize_grads(False)  # a level the loss does not use costs nothing
+        dtype = output[0].dtype
+        cl, near_cl = resize_layouts(x, pyramid_normalizes(x.dtype, dtype, mean, std))
+        ctx.near_cl = near_cl
+        ctx.backward = _Static(list(x.shape), scales, mode, antialias, align_corners, std, x.dtype, cl, near_cl)
+        ctx.tangent = _Static(flat, scales, mode, antialias, align_corners, None, std, dtype)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return None, None
+        return None, _PyramidBackwardFn.apply(ctx.backward, *grads)
+
+    @staticmethod
+    def jvp(ctx, _, x_t):
+        return _PyramidFn.apply(ctx.tangent, _dense_in(x_t, ctx.near_cl))
+
+
+class _PyramidBackwardFn(torch.autograd.Function):
+    """pyramid_backward(grads, *static.args): the levels' gradients (None for a level without
+    one) to the input's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(static, *grads):
+        return _OPS.pyramid_backward(list(grads), *static.args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        static, *grads = inputs
+        ctx.set_materialize_grads(False)
+        ctx.static = static
+        ctx.live = [k for k, g in enumerate(grads) if g is not None]
+        ctx.hw = [v for k in ctx.live for v in grads[k].shape[2:]]
+        ctx.level_dtype = grads[ctx.live[0]].dtype
+        ctx.n = len(grads)
+
+    @staticmethod
+    def backward(ctx, gg):
+        out = [None] * ctx.n
+        if gg is not None:
+            _, scales, mode, antialias, align_corners, std, _, _, near_cl = ctx.static.args
+            sc = [scales[k] for k in ctx.live] if scales else None
+            static = _Static(ctx.hw, sc, mode, antialias, align_corners, None, std, ctx.level_dtype)
+            for k, level in zip(ctx.live, _PyramidFn.apply(static, _dense_in(gg, near_cl))):
+                out[k] = level
+        return (None, *out)
+
+    @staticmethod
+    def jvp(ctx, _, *grads_t):
+        return _PyramidBackwardFn.apply(ctx.static, *grads_t)
+
+
+class _ConcatFn(torch.autograd.Function):
+    """upsample_concat(features, *static.args): size, mode, align_corners."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(static, *features):
+        return _OPS.upsample_concat(list(features), *static.args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        static, *features = inputs
+        _, mode, align_corners = static.args
+        ctx.set_materialize_grads(False)
+        ctx.static = static
+        ctx.shapes = [v for f in features for v in f.shape[1:]]
+        ctx.near_cl = [resize_layouts(f, False)[1] for f in features]
+        ctx.backward = _Static(ctx.shapes, mode, align_corners, is_channels_last(output), ctx.near_cl)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * (1 + len(ctx.near_cl))
+        return (None, *_ConcatBackwardFn.apply(ctx.backward, grad))
+
+    @staticmethod
+    def jvp(ctx, _, *tangents):
+        return _ConcatFn.apply(ctx.static, *_zero_filled(tangents, ctx.shapes, ctx.near_cl))
+
+
+def _zero_filled(tensors, shapes, near_cl):
+    """The features' tangents or gradients, zeros where there is none (as [N, C, H, W] from
+    shapes [C, H, W, ...]), each dense in the layout whose nearest formulas its feature took."""
+    ref = next(t for t in tensors if t is not None)
+    return [_dense_in(t if t is not None else ref.new_zeros((ref.shape[0], *shapes[3 * i: 3 * i + 3])), near_cl[i])
+            for i, t in enumerate(tensors)]
+
+
+class _ConcatBackwardFn(torch.autograd.Function):
+    """upsample_concat_backward(grad, *static.args): the output's gradient to the features'."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(static, grad):
+        return tuple(_OPS.upsample_concat_backward(grad, *static.args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        static, grad = inputs
+        ctx.set_materialize_grads(False)
+        ctx.static = static
+        ctx.size = list(grad.shape[2:])
+
+    @staticmethod
+    def backward(ctx, *ggs):
+        if all(g is None for g in ggs):
+            return None, None
+        shapes, mode, align_corners, _, near_cl = ctx.static.args
+        return None, _ConcatFn.apply(_Static(ctx.size, mode, align_corners), *_zero_filled(ggs, shapes, near_cl))
+
+    @staticmethod
+    def jvp(ctx, _, grad_t):
+        return _ConcatBackwardFn.apply(ctx.static, grad_t)
+
+
+def pyramid(x: torch.Tensor, a) -> list[torch.Tensor]:
+    """msfast.pyramid under a transform; `a` is the checked arguments (_args.PyramidArgs)."""
+    static = _Static(a.flat, a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
+    return list(_PyramidFn.apply(static, x))
+
+
+def upsample_concat(features, size, mode: str, align_corners: bool) -> torch.Tensor:
+    """msfast.upsample_concat (without out=) under a transform, on checked arguments."""
+    return _ConcatFn.apply(_Static(list(size), mode, align_corners), *features)
+
+
+# ------------------------------------------------------------------------------ vmap rules
+
+
+def _batch_first(t: torch.Tensor, bdim, batch: int) -> torch.Tensor:
+    """t with its vmapped dimension first: [B, N, C, H, W] (an unbatched t expanded)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
+
+
+def _fold(xb: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """xb [B, N, C, H, W] as one batch [B * N, C, H, W] that an operator resizes as it resizes
+    each xb[b] alone: with the same resize_layouts, which decide the output's layout and the
+    nearest formulas. A view where one keeps them, else a copy that does (dense channels_last,
+    channels_last but not dense, or NCHW), made out of place, so that a vmap nested in another
+    batches it too."""
+    B, N, C, H, W = xb.shape
+    want = resize_layouts(xb[0], normalized)
+    try:
+        folded = xb.view(B * N, C, H, W)
+        if resize_layouts(folded, normalized) == want:
+            return folded
+    except (RuntimeError, ValueError):  # not expressible as a view (ValueError from fake tensors)
+        pass
+    channels_last, dense_channels_last = want
+    if not channels_last:
+        return xb.reshape(B * N, C, H, W).contiguous()
+    nhwc = xb.permute(0, 1, 3, 4, 2)
+    if dense_channels_last:
+        return nhwc.reshape(B * N, H, W, C).permute(0, 3, 1, 2)
+    # Channels_last but not dense (a channels_last batch sliced along C, say): one padding
+    # channel per pixel keeps the strides' order and leaves the copy not dense.
+    return F.pad(nhwc, (0, 1)).reshape(B * N, H, W, C + 1)[..., :C].permute(0, 3, 1, 2)
+
+
+def _unfold(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """[B * N, ...] as [B, N, ...]: a view (splitting the first dimension always is one)."""
+    return t.view(batch, n, *t.shape[1:])
+
+
+def _pyramid_vmap(info, in_dims, x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype):
+    B = info.batch_size
+    dtype = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
+    xb = _batch_first(x, in_dims[0], B)
+    folded = _fold(xb, pyramid_normalizes(x.dtype, dtype, mean, std))
+    levels = _OPS.pyramid(folded, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
+    return [_unfold(t, B, xb.shape[1]) for t in levels], [0] * len(levels)
+
+
+def _pyramid_backward_vmap(info, in_dims, grads, input_shape, *args):
+    B = info.batch_size
+    folded = [None if g is None else _batch_first(g, d, B).flatten(0, 1) for g, d in zip(grads, in_dims[0])]
+    gx = _OPS.pyramid_backward(folded, [B * input_shape[0], *input_shape[1:]], *args)
+    return _unfold(gx, B, input_shape[0]), 0
+
+
+def _concat_vmap(info, in_dims, features, size, mode, align_corners):
+    B = info.batch_size
+    batched = [_batch_first(f, d, B) for f, d in zip(features, in_dims[0])]
+    out = _OPS.upsample_concat([_fold(f, False) for f in batched], size, mode, align_corners)
+    return _unfold(out, B, batched[0].shape[1]), 0
+
+
+def _concat_backward_vmap(info, in_dims, grad, *args):
+    B = info.batch_size
+    gb = _batch_first(grad, in_dims[0], B)
+    grads = _OPS.upsample_concat_backward(gb.flatten(0, 1), *args)
+    return [_unfold(g, B, gb.shape[1]) for g in grads], [0] * len(grads)
+
+
+def install(ops) -> None:
+    """Called by msfast._ops once the operators are loaded: keeps their overloads and registers
+    the vmap rules (upsample_concat.out has none: an out= call under vmap raises torch's error)."""
+    global _OPS
+    _OPS = ops
+    if not hasattr(torch.library, "register_vmap"):  # torch < 2.4
+        return
+    for name, rule in [("pyramid", _pyramid_vmap), ("pyramid_backward", _pyramid_backward_vmap),
+                       ("upsample_concat", _concat_vmap), ("upsample_concat_backward", _concat_backward_vmap)]:
+        torch.library.register_vmap(f"msfast::{name}", rule)

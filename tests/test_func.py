@@ -1,0 +1,354 @@
+"""torch.func transforms and forward-mode AD (msfast/_func.py).
+
+F.interpolate works under vmap, grad, vjp, jvp, jacrev, jacfwd and hessian, and with
+forward-mode AD; so must msfast. Checked here:
+- vmap (of msfast.*, and of the raw operators through their vmap rules) equals a loop over the
+  samples, in values (bitwise for the nearest modes; the others can take another summation
+  path for another N, an ulp apart) and in layout, for per-sample layouts that fold into N as a view and for
+  those that need a copy (the batch inside, channels_last not dense), in the modes whose
+  formulas depend on the layout (nearest with h + w > 128 and more than 3 channels);
+- every transform, and forward-mode AD, gives the reference path's results (F.interpolate);
+- gradcheck with forward-mode AD, and gradgradcheck forward-over-reverse;
+- the gradients of torch.func.grad equal, bit for bit, those of loss.backward() (the C++
+  autograd); outside a transform calls keep the C++ route;
+- per-sample gradients of MultiScaleResNet (vmap of grad of functional_call), msfast against
+  the torch backend; torch.compile of vmap and of grad.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from conftest import randn
+
+import msfast
+from msfast import reference
+from msfast.models import MultiScaleResNet
+
+OPS = torch.ops.msfast
+F64 = {"rtol": 1e-10, "atol": 1e-10}
+
+
+def _like_a_loop(mode):
+    """How close a vmapped call is to the same call per sample: the nearest modes copy values,
+    the others sum taps in an order that can depend on the batch size (the CPU kernels'
+    small-plane path, for one), an ulp or so apart."""
+    return {"rtol": 0, "atol": 0} if mode.startswith("nearest") else {"rtol": 1e-14, "atol": 1e-14}
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD scripts a helper
+
+B, N = 3, 2
+
+
+def _physical(gen, layout, C, H, W, device, dtype=torch.float64):
+    """(tensor, in_dim): B samples of [N, C, H, W], each in `layout`, stored as vmap finds them."""
+    if layout == "nchw":
+        return randn(gen, B, N, C, H, W, dtype=dtype, device=device), 0
+    if layout == "channels_last":  # folds into N as a view
+        return randn(gen, B, N, H, W, C, dtype=dtype, device=device).permute(0, 1, 4, 2, 3), 0
+    if layout == "batch_inside":  # the batch between N and C: folding it copies
+        return randn(gen, N, B, C, H, W, dtype=dtype, device=device), 1
+    if layout == "sliced_channels_last":  # each sample channels_last but not dense
+        return randn(gen, B, N, H, W, C + 1, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)[:, :, :C], 0
+    if layout == "channels_last_gapped":  # dense channels_last samples, a gap between them: a copy
+        return randn(gen, B, N + 1, H, W, C, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)[:, :N], 0
+    if layout == "channels_last_batch_last":  # channels_last strides, the batch innermost
+        return randn(gen, N, H, W, C, B, dtype=dtype, device=device).permute(4, 0, 3, 1, 2), 0
+    raise ValueError(layout)
+
+
+VMAP_LAYOUTS = ["nchw", "channels_last", "batch_inside", "sliced_channels_last", "channels_last_gapped",
+                "channels_last_batch_last"]
+
+# (input C, H, W, pyramid keyword arguments): the nearest calls have more than 3 channels and
+# levels of h + w > 128, where ATen's two CPU nearest kernels, chosen by layout, disagree.
+PYRAMID_VMAP_CALLS = [
+    ((5, 2, 56), dict(sizes=[(127, 92), (3, 40)], mode="nearest")),
+    ((5, 3, 50), dict(sizes=[(120, 77)], mode="nearest-exact", mean=[0.1, 0.2, 0.3, 0.4, 0.5])),
+    ((3, 13, 11), dict(scales=[0.5, 1.7], mean=[0.1, -0.2, 0.3], std=[0.5, 2.0, 1.5])),
+    ((4, 9, 12), dict(scales=[0.6], mode="bicubic", align_corners=True, out_dtype=torch.float32)),
+]
+
+
+def _sample_layout(t):
+    return (t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("layout", VMAP_LAYOUTS)
+@pytest.mark.parametrize("shape,kw", PYRAMID_VMAP_CALLS, ids=lambda v: str(v)[:40])
+def test_vmap_pyramid_equals_a_loop(layout, shape, kw, device, gen):
+    x, in_dim = _physical(gen, layout, *shape, device)
+    got = torch.vmap(lambda t: msfast.pyramid(t, **kw), in_dims=in_dim)(x)
+    samples = [x.select(in_dim, b) for b in range(B)]
+    loops = [msfast.pyramid(s, **kw) for s in samples]
+    refs = [reference.pyramid(s, **kw) for s in samples]
+    for k, level in enumerate(got):
+        assert level.shape[0] == B
+        for b in range(B):
+            torch.testing.assert_close(level[b], loops[b][k], **_like_a_loop(kw.get("mode", "bilinear")))
+            torch.testing.assert_close(level[b], refs[b][k], **(F64 if level.dtype == torch.float64 else {}))
+            assert _sample_layout(level[b]) == _sample_layout(loops[b][k])
+
+
+def _concat_features(gen, layout, device):
+    """Features of upsample_concat: a batched one in `layout`, an NCHW one unbatched (the same
+    for every sample), a batched channels_last one; the nearest calls resize to h + w > 128."""
+    a, da = _physical(gen, layout, 5, 2, 56, device)
+    b = randn(gen, N, 4, 3, 5, dtype=torch.float64, device=device)
+    c, dc = _physical(gen, "channels_last", 6, 7, 9, device)
+    return [a, b, c], [da, None, dc]
+
+
+@pytest.mark.parametrize("layout", VMAP_LAYOUTS)
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "bilinear", "bicubic"])
+def test_vmap_upsample_concat_equals_a_loop(layout, mode, device, gen):
+    feats, dims = _concat_features(gen, layout, device)
+    size = (127, 92) if mode.startswith("nearest") else (11, 13)
+    got = torch.vmap(lambda *f: msfast.upsample_concat(list(f), size, mode=mode), in_dims=tuple(dims))(*feats)
+    for b in range(B):
+        sample = [f if d is None else f.select(d, b) for f, d in zip(feats, dims)]
+        loop = msfast.upsample_concat(sample, size, mode=mode)
+        torch.testing.assert_close(got[b], loop, **_like_a_loop(mode))
+        torch.testing.assert_close(got[b], reference.upsample_concat(sample, size, mode=mode), **F64)
+        assert _sample_layout(got[b]) == _sample_layout(loop)
+
+
+def test_vmap_of_the_raw_operators(device, gen):
+    """The vmap rules serve torch.ops.msfast.* directly, the backward operators included: an
+    unbatched gradient is the same for every sample, a missing one (None) stays missing."""
+    x, _ = _physical(gen, "channels_last", 3, 10, 12, device)
+    flat, scales = [5, 6, 20, 24], [0.5, 2.0]
+    levels = torch.vmap(lambda t: OPS.pyramid(t, flat, scales, "bilinear", True, False, None, [2.0, 3.0, 4.0],
+                                              None))(x)
+    for b in range(B):
+        for got, want in zip(levels, OPS.pyramid(x[b], flat, scales, "bilinear", True, False, None,
+                                                   [2.0, 3.0, 4.0], None)):
+            torch.testing.assert_close(got[b], want, **_like_a_loop("bilinear"))
+
+    g0 = randn(gen, B, N, 3, 5, 6, dtype=torch.float64, device=device)
+    g1 = randn(gen, N, 3, 20, 24, dtype=torch.float64, device=device)
+    args = ([N, 3, 10, 12], scales, "bilinear", True, False, [2.0, 3.0, 4.0], torch.float64, True, True)
+    for grads, dims in [([g0, g1], ([0, None],)), ([g0, None], ([0, None],))]:
+        gx = torch.vmap(lambda gs: OPS.pyramid_backward(gs, *args), in_dims=dims)(grads)
+        for b in range(B):
+            want = OPS.pyramid_backward([grads[0][b], grads[1]], *args)
+            torch.testing.assert_close(gx[b], want, **_like_a_loop("bilinear"))
+
+    feats = [randn(gen, B, N, 2, 4, 5, dtype=torch.float64, device=device),
+             randn(gen, N, 3, 9, 8, dtype=torch.float64, device=device)]
+    out = torch.vmap(lambda fs: OPS.upsample_concat(fs, [7, 6], "bicubic", True), in_dims=([0, None],))(feats)
+    g = randn(gen, B, N, 5, 7, 6, dtype=torch.float64, device=device)
+    parts = torch.vmap(lambda t: OPS.upsample_concat_backward(t, [2, 4, 5, 3, 9, 8], "bicubic", True, False,
+                                                              [False, False]))(g)
+    for b in range(B):
+        torch.testing.assert_close(out[b], OPS.upsample_concat([feats[0][b], feats[1]], [7, 6], "bicubic", True),
+                                   **_like_a_loop("bilinear"))
+        want = OPS.upsample_concat_backward(g[b], [2, 4, 5, 3, 9, 8], "bicubic", True, False, [False, False])
+        for p, w in zip(parts, want):
+            torch.testing.assert_close(p[b], w, **_like_a_loop("bilinear"))
+
+
+# ---------------------------------------------------------------- transforms against the reference
+
+# Small calls (jacobians are dense): the pyramid with mean/std and two levels, upsample_concat
+# of two features. Nearest outputs stay at h + w <= 128, where ATen's nearest backward is the
+# adjoint of its forward (README: Where F.interpolate itself is wrong).
+PYRAMID_KW = [
+    dict(scales=[0.5, 1.5], mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 4.0]),
+    dict(sizes=[(3, 7), (9, 4)], mode="bicubic", align_corners=True),
+    dict(scales=[0.7], mode="nearest-exact"),
+    dict(scales=[0.5], mode="area"),
+]
+
+
+def _pyramid_loss(impl, kw, weights):
+    def loss(x):
+        return sum((level * w).sum() for level, w in zip(impl(x, **kw), weights))
+
+    return loss
+
+
+def _pyramid_outputs(impl, kw):
+    return lambda x: torch.cat([level.flatten() for level in impl(x, **kw)])
+
+
+def _transforms(loss, outputs, x, v, t):
+    """What each transform gives for a scalar loss and a vector of outputs, at x, with a
+    cotangent v of the outputs and a tangent t of x."""
+    return {
+        "grad": torch.func.grad(loss)(x),
+        "vjp": torch.func.vjp(outputs, x)[1](v)[0],
+        "jacrev": torch.func.jacrev(outputs)(x),
+        "jvp": torch.func.jvp(outputs, (x,), (t,))[1],
+        "jacfwd": torch.func.jacfwd(outputs)(x),
+        "hessian": torch.func.hessian(lambda y: loss(y) ** 2)(x),
+        "vmap_grad": torch.func.vmap(torch.func.grad(loss))(torch.stack([x, t])),
+        "grad_vmap": torch.func.grad(lambda y: torch.func.vmap(loss)(y).sum())(torch.stack([x, t])),
+        "jvp_of_vjp": torch.func.jvp(lambda y: torch.func.vjp(outputs, y)[1](v)[0], (x,), (t,))[1],
+    }
+
+
+@pytest.mark.parametrize("kw", PYRAMID_KW, ids=lambda kw: f"{kw.get('mode', 'bilinear')}")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_pyramid_transforms_match_reference(kw, channels_last, device, gen):
+    x = randn(gen, 1, 3, 6, 5, dtype=torch.float64, device=device, channels_last=channels_last)
+    t = torch.randn_like(x)
+    sizes = [level.shape for level in reference.pyramid(x, **kw)]
+    weights = [randn(gen, *s, dtype=torch.float64, device=device) for s in sizes]
+    v = randn(gen, sum(s.numel() for s in sizes), dtype=torch.float64, device=device)
+    got = _transforms(_pyramid_loss(msfast.pyramid, kw, weights), _pyramid_outputs(msfast.pyramid, kw), x, v, t)
+    want = _transforms(_pyramid_loss(reference.pyramid, kw, weights), _pyramid_outputs(reference.pyramid, kw),
+                       x, v, t)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **F64, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest", "nearest-exact"])
+def test_upsample_concat_transforms_match_reference(mode, device, gen):
+    # The two features are one tensor's halves along W, so that one input carries them; the
+    # second is channels_last.
+    x = randn(gen, 1, 3, 4, 10, dtype=torch.float64, device=device)
+
+    def impl_of(fn):
+        def features(y):
+            return [y[:, :2, :, :5], y[:, :, :, 5:].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)]
+
+        return lambda y, **kw: [fn(features(y), (7, 6), mode=mode)]
+
+    t = torch.randn_like(x)
+    weights = [randn(gen, 1, 5, 7, 6, dtype=torch.float64, device=device)]
+    v = randn(gen, 5 * 7 * 6, dtype=torch.float64, device=device)
+    got = _transforms(_pyramid_loss(impl_of(msfast.upsample_concat), {}, weights),
+                      _pyramid_outputs(impl_of(msfast.upsample_concat), {}), x, v, t)
+    want = _transforms(_pyramid_loss(impl_of(reference.upsample_concat), {}, weights),
+                       _pyramid_outputs(impl_of(reference.upsample_concat), {}), x, v, t)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **F64, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_ad_matches_reference(grad_mode, device, gen):
+    x = randn(gen, 2, 3, 8, 7, dtype=torch.float64, device=device, channels_last=True)
+    t = randn(gen, 2, 3, 8, 7, dtype=torch.float64, device=device)  # a tangent in another layout
+    feats = [randn(gen, 2, 2, 4, 4, dtype=torch.float64, device=device), x]
+    kw = dict(scales=[0.5, 1.25], mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 4.0])
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        dual = fwAD.make_dual(x, t)
+        for got, want in zip(msfast.pyramid(dual, **kw), reference.pyramid(dual, **kw)):
+            torch.testing.assert_close(fwAD.unpack_dual(got).tangent, fwAD.unpack_dual(want).tangent, **F64)
+            torch.testing.assert_close(fwAD.unpack_dual(got).primal, fwAD.unpack_dual(want).primal, **F64)
+        got = msfast.upsample_concat([feats[0], dual], (6, 9), mode="bicubic")
+        want = reference.upsample_concat([feats[0], dual], (6, 9), mode="bicubic")
+        torch.testing.assert_close(fwAD.unpack_dual(got).tangent, fwAD.unpack_dual(want).tangent, **F64)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_raw_operators_reject_forward_ad(grad_mode, gen):
+    """torch.ops.msfast.* have C++ autograd only: a dual input raises rather than losing its
+    tangent (msfast.* take the Python route, above)."""
+    x, t = randn(gen, 1, 3, 8, 8), randn(gen, 1, 3, 8, 8)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        dual = fwAD.make_dual(x, t)
+        with pytest.raises(RuntimeError, match="jvp"):
+            OPS.pyramid(dual, [4, 4], [0.5], "bilinear", True, False, None, None, None)
+        with pytest.raises(RuntimeError, match="jvp"):
+            OPS.upsample_concat([x, dual], [4, 4], "bilinear", False)
+
+
+def test_gradcheck_forward_mode_and_forward_over_reverse(gen):
+    x = randn(gen, 2, 3, 6, 7, dtype=torch.float64, channels_last=True).requires_grad_()
+
+    def pyr(y):
+        return msfast.pyramid(y, scales=[0.5, 1.3], mode="bicubic", mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 3.0])
+
+    assert torch.autograd.gradcheck(pyr, (x,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(pyr, (x,), check_fwd_over_rev=True)
+    feats = (randn(gen, 2, 2, 3, 4, dtype=torch.float64).requires_grad_(),
+             randn(gen, 2, 4, 6, 5, dtype=torch.float64, channels_last=True).requires_grad_())
+    for mode in ("bilinear", "nearest"):
+        def cat(a, b, mode=mode):
+            return msfast.upsample_concat([a, b], (5, 7), mode=mode)
+
+        assert torch.autograd.gradcheck(cat, feats, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(cat, feats, check_fwd_over_rev=True)
+
+
+def test_func_grad_equals_cpp_autograd_bitwise(gen):
+    """torch.func.grad takes the Python Functions, loss.backward() the C++ autograd: the same
+    operators, the same bits. And outside a transform, calls keep the C++ route."""
+    x = randn(gen, 2, 4, 30, 20, channels_last=True)
+    feats = [randn(gen, 2, 3, 8, 5), randn(gen, 2, 2, 40, 41)]
+
+    def loss(y, *fs):
+        levels = msfast.pyramid(y, scales=[0.5, 0.25], mean=[0.1, 0.2, 0.3, 0.4])
+        fused = msfast.upsample_concat([levels[0], *fs], (15, 10), mode="nearest")
+        return (levels[1] * levels[1]).sum() + (fused * fused.detach()).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(x, *feats)
+    leaves = [t.clone().requires_grad_() for t in (x, *feats)]
+    out = loss(*leaves)
+    assert not isinstance(out.grad_fn.next_functions[0][0], torch.autograd.function.BackwardCFunction)
+    out.backward()
+    for g, leaf in zip(got, leaves):
+        torch.testing.assert_close(g, leaf.grad, rtol=0, atol=0)
+    with torch.no_grad(), fwAD.dual_level():  # inside a transform, the Python Functions
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        assert fwAD.unpack_dual(msfast.pyramid(dual, scales=[0.5])[0]).tangent is not None
+
+
+def test_upsample_concat_out_under_vmap(gen):
+    feats = [randn(gen, B, N, 2, 3, 4, dtype=torch.float64), randn(gen, B, N, 3, 5, 5, dtype=torch.float64)]
+    out = torch.empty(B, N, 5, 6, 6, dtype=torch.float64)
+    torch.vmap(lambda a, b, o: msfast.upsample_concat([a, b], (6, 6), out=o))(*feats, out)
+    for b in range(B):
+        torch.testing.assert_close(out[b], msfast.upsample_concat([feats[0][b], feats[1][b]], (6, 6)),
+                                   **_like_a_loop("bilinear"))
+
+
+def test_per_sample_gradients_of_the_model(gen):
+    """vmap(grad(functional_call)) of MultiScaleResNet: the msfast backend gives the per-sample
+    gradients of the torch backend."""
+    kw = dict(num_classes=3, depth=18, width=4, stem="small", scales=(1.0, 0.5), mean=[0.5] * 3, std=[0.25] * 3)
+    torch.manual_seed(0)
+    models = {b: MultiScaleResNet(**kw, backend=b).eval() for b in ("msfast", "torch")}
+    models["torch"].load_state_dict(models["msfast"].state_dict())
+    images = randn(gen, 4, 3, 16, 16)
+    labels = torch.tensor([0, 2, 1, 0])
+    grads = {}
+    for backend, model in models.items():
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+        def loss(p, image, label, model=model, buffers=buffers):
+            logits = torch.func.functional_call(model, (p, buffers), (image[None],))
+            return torch.nn.functional.cross_entropy(logits, label[None])
+
+        grads[backend] = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, images, labels)
+    for k, g in grads["torch"].items():
+        assert g.shape[0] == 4
+        torch.testing.assert_close(grads["msfast"][k], g, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_compile_of_transforms(gen):
+    x = randn(gen, 2, 3, 9, 8, dtype=torch.float64)
+
+    def level(y):
+        return msfast.pyramid(y, scales=[0.5], mean=[0.1, 0.2, 0.3])[0]
+
+    def loss(y):
+        return (level(y) ** 2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = x[None].expand(3, -1, -1, -1, -1)
+        batched = torch.compile(torch.vmap(level), backend="aot_eager", fullgraph=True)(batch)
+        # Dynamo traces grad with the operator's C++ autograd, which functorch refuses: a graph
+        # break, after which the call runs eagerly on the Python route.
+        grad = torch.compile(torch.func.grad(loss), backend="aot_eager")(x)
+    torch.testing.assert_close(batched, torch.vmap(level)(batch), rtol=0, atol=0)
+    torch.testing.assert_close(grad, torch.func.grad(loss)(x), rtol=0, atol=0)
+    torch.testing.assert_close(grad, torch.func.grad(lambda y: (reference.pyramid(
+        y, scales=[0.5], mean=[0.1, 0.2, 0.3])[0] ** 2).sum())(x), **F64)
