@@ -8,7 +8,9 @@ forward-mode AD; so must msfast. Checked here:
   those that need a copy (the batch inside, channels_last not dense), in the modes whose
   formulas depend on the layout (nearest with h + w > 128 and more than 3 channels);
 - every transform, and forward-mode AD, gives the reference path's results (F.interpolate);
-- gradcheck with forward-mode AD, and gradgradcheck forward-over-reverse;
+- gradcheck with forward-mode AD and its batched checks, gradgradcheck forward-over-reverse;
+- the older vmap (torch._vmap_internals) of autograd.grad(is_grads_batched=True) and of
+  torch.autograd.functional's vectorized jacobian and hessian;
 - the gradients of torch.func.grad equal, bit for bit, those of loss.backward() (the C++
   autograd); outside a transform calls keep the C++ route;
 - per-sample gradients of MultiScaleResNet (vmap of grad of functional_call), msfast against
@@ -258,22 +260,66 @@ def test_raw_operators_reject_forward_ad(grad_mode, gen):
             OPS.upsample_concat([x, dual], [4, 4], "bilinear", False)
 
 
-def test_gradcheck_forward_mode_and_forward_over_reverse(gen):
+def test_gradcheck_in_every_mode(gen):
+    """gradcheck with forward-mode AD and the batched checks (the backward and the forward under
+    vmap), gradgradcheck forward-over-reverse and batched."""
     x = randn(gen, 2, 3, 6, 7, dtype=torch.float64, channels_last=True).requires_grad_()
+    checks = dict(check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True)
+    second = dict(check_fwd_over_rev=True, check_batched_grad=True)
 
     def pyr(y):
         return msfast.pyramid(y, scales=[0.5, 1.3], mode="bicubic", mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 3.0])
 
-    assert torch.autograd.gradcheck(pyr, (x,), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(pyr, (x,), check_fwd_over_rev=True)
+    assert torch.autograd.gradcheck(pyr, (x,), **checks)
+    assert torch.autograd.gradgradcheck(pyr, (x,), **second)
     feats = (randn(gen, 2, 2, 3, 4, dtype=torch.float64).requires_grad_(),
              randn(gen, 2, 4, 6, 5, dtype=torch.float64, channels_last=True).requires_grad_())
     for mode in ("bilinear", "nearest"):
         def cat(a, b, mode=mode):
             return msfast.upsample_concat([a, b], (5, 7), mode=mode)
 
-        assert torch.autograd.gradcheck(cat, feats, check_forward_ad=True)
-        assert torch.autograd.gradgradcheck(cat, feats, check_fwd_over_rev=True)
+        assert torch.autograd.gradcheck(cat, feats, **checks)
+        assert torch.autograd.gradgradcheck(cat, feats, **second)
+
+
+def test_older_vmap_batched_gradients_and_jacobians(device, gen):
+    """torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional's vectorized
+    jacobian and hessian run under torch._vmap_internals (csrc/legacy_vmap.cpp), nested for the
+    hessian: the reference's results, and each sample's layout."""
+    x = randn(gen, 2, 3, 7, 6, dtype=torch.float64, device=device, channels_last=True)
+    kw = dict(scales=[0.5, 1.5], mode="bicubic", mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 3.0])
+    leaf = x.clone().requires_grad_()
+    for impl in (msfast.pyramid, reference.pyramid):
+        levels = impl(leaf, **kw)
+        cot = [randn(torch.Generator().manual_seed(k), 4, *lv.shape, dtype=torch.float64, device=device)
+               for k, lv in enumerate(levels)]
+        batched = torch.autograd.grad(levels, leaf, cot, is_grads_batched=True)[0]
+        if impl is msfast.pyramid:
+            got = batched
+            for b in range(4):
+                assert _sample_layout(got[b]) == _sample_layout(torch.autograd.grad(levels, leaf, [c[b] for c in cot],
+                                                                                    retain_graph=True)[0])
+    torch.testing.assert_close(got, batched, **F64)
+
+    def outputs(impl):
+        return lambda y: torch.cat([lv.flatten() for lv in impl(y, **kw)])
+
+    def loss(impl):
+        return lambda y: (outputs(impl)(y) ** 2).sum()
+
+    small = x[:1, :, :4, :5]
+    for fn in (lambda f: torch.autograd.functional.jacobian(outputs(f), small, vectorize=True),
+               lambda f: torch.autograd.functional.hessian(loss(f), small, vectorize=True)):
+        torch.testing.assert_close(fn(msfast.pyramid), fn(reference.pyramid), **F64)
+    feats = [randn(gen, 1, 2, 3, 4, dtype=torch.float64, device=device), small]
+
+    def fused(impl):
+        return lambda a, b: impl([a, b], (5, 6), mode="bilinear").flatten()
+
+    torch.testing.assert_close(torch.autograd.functional.jacobian(fused(msfast.upsample_concat), tuple(feats),
+                                                                  vectorize=True),
+                               torch.autograd.functional.jacobian(fused(reference.upsample_concat), tuple(feats),
+                                                                  vectorize=True), **F64)
 
 
 def test_func_grad_equals_cpp_autograd_bitwise(gen):

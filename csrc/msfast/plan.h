@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/LegacyVmapTransforms.h>
 
 #include <string>
 #include <type_traits>
@@ -165,12 +166,22 @@ inline View make_view(const at::Tensor& t, bool channels_last) {
   return v;
 }
 
+// A tensor batched by PyTorch's older vmap (the autograd formulas run under it for batched
+// gradients: csrc/legacy_vmap.cpp) answers no stride or layout query; one of its samples, a
+// plain tensor with the same strides, answers for it.
+inline at::Tensor layout_sample(const at::Tensor& t) {
+  if (!at::isBatchedTensor(t)) return t;
+  at::Tensor p = at::MultiBatchVmapTransform::logicalToPhysical(t).tensor();  // the batch dimensions first
+  while (p.dim() > t.dim()) p = p.select(0, 0);
+  return p;
+}
+
 // The layout rule of every operator (msfast/_args.py:is_channels_last is the same): a call
 // runs channels_last when ATen's suggest_memory_format says so, the rule that gives
 // F.interpolate's output its memory format. So a channels_last tensor sliced along C or W
 // (not dense) runs, and returns, channels_last as it does in F.interpolate.
 inline bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return t.dim() == 4 && layout_sample(t).suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
 inline bool pyramid_normalizes(at::ScalarType in, at::ScalarType out, bool mean, bool std) {
@@ -188,7 +199,8 @@ struct Layouts {
   bool channels_last;
   bool nearest_channels_last;
 };
-inline Layouts resize_layouts(const at::Tensor& x, bool normalized) {
+inline Layouts resize_layouts(const at::Tensor& batched_or_not, bool normalized) {
+  const at::Tensor x = layout_sample(batched_or_not);
   if (!normalized || x.is_non_overlapping_and_dense())
     return {is_channels_last(x), x.is_contiguous(at::MemoryFormat::ChannelsLast)};
   std::vector<int64_t> sizes, strides;
@@ -206,7 +218,10 @@ inline at::MemoryFormat format_of(bool channels_last) {
 // The operators read NCHW and channels_last strides natively. Anything else (a sliced or
 // expanded tensor) is made dense once here, explicitly, in the layout the call runs in.
 inline at::Tensor dense_in(const at::Tensor& t, bool channels_last) {
-  return t.is_contiguous(format_of(channels_last)) ? t : t.contiguous(format_of(channels_last));
+  if (layout_sample(t).is_contiguous(format_of(channels_last))) return t;
+  // The older vmap batches contiguous() and permutes, not contiguous(channels_last).
+  if (channels_last && at::isBatchedTensor(t)) return t.permute({0, 2, 3, 1}).contiguous().permute({0, 3, 1, 2});
+  return t.contiguous(format_of(channels_last));
 }
 
 // Calls f(T{}) with the C++ type of dtype t.
