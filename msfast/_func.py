@@ -60,11 +60,15 @@ class _Static:
 class _PyramidFn(torch.autograd.Function):
     """pyramid(x, *static.args), the operator's arguments after x."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(static, x):
         return tuple(_OPS.pyramid(x, *static.args))
+
+    @staticmethod
+    def vmap(info, in_dims, static, x):
+        _, _, _, _, _, mean, std, out_dtype = static.args
+        levels = _batched_pyramid(lambda f: _PyramidFn.apply(static, f), info, in_dims[1], x, mean, std, out_dtype)
+        return tuple(levels), (0,) * len(levels)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -92,11 +96,15 @@ class _PyramidBackwardFn(torch.autograd.Function):
     """pyramid_backward(grads, *static.args): the levels' gradients (None for a level without
     one) to the input's."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(static, *grads):
         return _OPS.pyramid_backward(list(grads), *static.args)
+
+    @staticmethod
+    def vmap(info, in_dims, static, *grads):
+        shape, *rest = static.args
+        call = lambda gs, folded_shape: _PyramidBackwardFn.apply(_Static(folded_shape, *rest), *gs)  # noqa: E731
+        return _batched_pyramid_backward(call, info, in_dims[1:], grads, shape), 0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -127,11 +135,13 @@ class _PyramidBackwardFn(torch.autograd.Function):
 class _ConcatFn(torch.autograd.Function):
     """upsample_concat(features, *static.args): size, mode, align_corners."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(static, *features):
         return _OPS.upsample_concat(list(features), *static.args)
+
+    @staticmethod
+    def vmap(info, in_dims, static, *features):
+        return _batched_concat(lambda fs: _ConcatFn.apply(static, *fs), info, in_dims[1:], features), 0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -165,11 +175,14 @@ def _zero_filled(tensors, shapes, near_cl):
 class _ConcatBackwardFn(torch.autograd.Function):
     """upsample_concat_backward(grad, *static.args): the output's gradient to the features'."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(static, grad):
         return tuple(_OPS.upsample_concat_backward(grad, *static.args))
+
+    @staticmethod
+    def vmap(info, in_dims, static, grad):
+        grads = _batched_concat_backward(lambda g: _ConcatBackwardFn.apply(static, g), info, in_dims[1], grad)
+        return tuple(grads), (0,) * len(grads)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -216,6 +229,8 @@ def _fold(xb: torch.Tensor, normalized: bool) -> torch.Tensor:
     channels_last but not dense, or NCHW), made out of place, so that a vmap nested in another
     batches it too."""
     B, N, C, H, W = xb.shape
+    if B == 0:
+        return xb.reshape(0, C, H, W)
     want = resize_layouts(xb[0], normalized)
     try:
         folded = xb.view(B * N, C, H, W)
@@ -239,43 +254,67 @@ def _unfold(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     return t.view(batch, n, *t.shape[1:])
 
 
-def _pyramid_vmap(info, in_dims, x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype):
+# Each operator on B samples (batched along their dimension bdim, or None: the same for every
+# sample) as one call on the folded batch: `call` is the operator (the raw operators' vmap
+# rules) or its Function (the Functions' vmap staticmethods, so that autograd records the
+# folded call). They return the outputs with the batch first.
+def _batched_pyramid(call, info, bdim, x, mean, std, out_dtype):
     B = info.batch_size
     dtype = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
-    xb = _batch_first(x, in_dims[0], B)
-    folded = _fold(xb, pyramid_normalizes(x.dtype, dtype, mean, std))
-    levels = _OPS.pyramid(folded, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
-    return [_unfold(t, B, xb.shape[1]) for t in levels], [0] * len(levels)
+    xb = _batch_first(x, bdim, B)
+    levels = call(_fold(xb, pyramid_normalizes(x.dtype, dtype, mean, std)))
+    return [_unfold(t, B, xb.shape[1]) for t in levels]
+
+
+def _batched_pyramid_backward(call, info, bdims, grads, input_shape):
+    B = info.batch_size
+    folded = [None if g is None else _batch_first(g, d, B).flatten(0, 1) for g, d in zip(grads, bdims)]
+    return _unfold(call(folded, [B * input_shape[0], *input_shape[1:]]), B, input_shape[0])
+
+
+def _batched_concat(call, info, bdims, features):
+    B = info.batch_size
+    batched = [_batch_first(f, d, B) for f, d in zip(features, bdims)]
+    return _unfold(call([_fold(f, False) for f in batched]), B, batched[0].shape[1])
+
+
+def _batched_concat_backward(call, info, bdim, grad):
+    B = info.batch_size
+    gb = _batch_first(grad, bdim, B)
+    return [_unfold(g, B, gb.shape[1]) for g in call(gb.flatten(0, 1))]
+
+
+def _pyramid_vmap(info, in_dims, x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype):
+    def call(folded):
+        return _OPS.pyramid(folded, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
+
+    levels = _batched_pyramid(call, info, in_dims[0], x, mean, std, out_dtype)
+    return levels, [0] * len(levels)
 
 
 def _pyramid_backward_vmap(info, in_dims, grads, input_shape, *args):
-    B = info.batch_size
-    folded = [None if g is None else _batch_first(g, d, B).flatten(0, 1) for g, d in zip(grads, in_dims[0])]
-    gx = _OPS.pyramid_backward(folded, [B * input_shape[0], *input_shape[1:]], *args)
-    return _unfold(gx, B, input_shape[0]), 0
+    def call(folded, folded_shape):
+        return _OPS.pyramid_backward(folded, folded_shape, *args)
+
+    return _batched_pyramid_backward(call, info, in_dims[0], grads, input_shape), 0
 
 
 def _concat_vmap(info, in_dims, features, size, mode, align_corners):
-    B = info.batch_size
-    batched = [_batch_first(f, d, B) for f, d in zip(features, in_dims[0])]
-    out = _OPS.upsample_concat([_fold(f, False) for f in batched], size, mode, align_corners)
-    return _unfold(out, B, batched[0].shape[1]), 0
+    return _batched_concat(lambda fs: _OPS.upsample_concat(fs, size, mode, align_corners), info, in_dims[0],
+                           features), 0
 
 
 def _concat_backward_vmap(info, in_dims, grad, *args):
-    B = info.batch_size
-    gb = _batch_first(grad, in_dims[0], B)
-    grads = _OPS.upsample_concat_backward(gb.flatten(0, 1), *args)
-    return [_unfold(g, B, gb.shape[1]) for g in grads], [0] * len(grads)
+    grads = _batched_concat_backward(lambda g: _OPS.upsample_concat_backward(g, *args), info, in_dims[0], grad)
+    return grads, [0] * len(grads)
 
 
 def install(ops) -> None:
     """Called by msfast._ops once the operators are loaded: keeps their overloads and registers
-    the vmap rules (upsample_concat.out has none: an out= call under vmap raises torch's error)."""
+    the vmap rules. upsample_concat.out has none (torch.library.register_vmap takes no
+    keyword-only tensor): msfast.upsample_concat(out=) under vmap copies into out instead."""
     global _OPS
     _OPS = ops
-    if not hasattr(torch.library, "register_vmap"):  # torch < 2.4
-        return
     for name, rule in [("pyramid", _pyramid_vmap), ("pyramid_backward", _pyramid_backward_vmap),
                        ("upsample_concat", _concat_vmap), ("upsample_concat_backward", _concat_backward_vmap)]:
         torch.library.register_vmap(f"msfast::{name}", rule)
