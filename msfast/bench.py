@@ -43,7 +43,8 @@ from . import _ops, reference
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", "fusion_concat", "resnet_train_step")
+CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", "fusion_concat", "per_sample_grad",
+         "resnet_train_step")
 TRAIN_CASES = ("resnet_train_step",)
 COMPILE_SKIPPED = ("torch.compile of the whole ResNet-18 training step took 200 s to compile (one variant, 2-core "
                    "machine); this case compares the two eager backends")
@@ -107,6 +108,8 @@ def variants(device: str, cases=CASES, dtypes=DEFAULT_DTYPES, layouts=LAYOUTS, p
                         continue
                     if case == "pyramid_n1" and lay != "nchw":
                         continue
+                    if case == "per_sample_grad" and ps != "fwd+bwd":  # one call computes the gradients
+                        continue
                     out.append(Variant(case, dt, lay, ps, device, quick))
     return out
 
@@ -145,6 +148,8 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
         inb = _nbytes(x.shape, dtype)
         return Prepared([x], lambda x: reference.pyramid(x, scales, **kw), lambda x: _ops.pyramid(x, scales, **kw),
                         grads, inb + outs, outs + inb)
+    if v.case == "per_sample_grad":
+        return _prepare_per_sample_grad(v, g, dev, dtype)
     if v.case == "fusion_concat":
         # MultiScaleResNet-18's fusion on 128-pixel images: 49152 planes of 4x4 or less
         n = 8 if q else 32
@@ -172,6 +177,33 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
         grads = [torch.randn(out_shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)]
     return Prepared(feats, lambda *f: reference.upsample_concat(list(f), size),
                     lambda *f: _ops.upsample_concat(list(f), size), grads, inb + outb, outb + inb)
+
+
+def _prepare_per_sample_grad(v: Variant, g, dev, dtype) -> Prepared:
+    """Per-sample gradients through an input pyramid, torch.func's way: vmap(grad(loss)) over
+    16 samples of [1, 3, 128, 128] (the channels_last ones permuted from [1, 128, 128, 3]), a
+    loss linear in three normalized bilinear antialiased levels (scales 1, 0.5, 0.25), so that
+    the call is the resampling's forward and backward per sample. One call computes the
+    gradients (no outer backward: grads is None)."""
+    n = 4 if v.quick else 16
+    if v.layout == "channels_last":
+        x = torch.randn(n, 1, 128, 128, 3, generator=g).to(dev, dtype).permute(0, 1, 4, 2, 3)
+    else:
+        x = torch.randn(n, 1, 3, 128, 128, generator=g).to(dev, dtype)
+    scales = [1.0, 0.5, 0.25]
+    kw = dict(mode="bilinear", antialias=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    shapes = [(1, 3, int(128 * s), int(128 * s)) for s in scales]
+    weights = [torch.randn(s, generator=g).to(dev, dtype) for s in shapes]
+
+    def per_sample_grad(impl):
+        def loss(y):
+            return sum((level * w).sum() for level, w in zip(impl(y, scales, **kw), weights))
+        return lambda x: torch.func.vmap(torch.func.grad(loss))(x)
+
+    inb = _nbytes(x.shape, dtype)
+    outs = n * sum(_nbytes(s, dtype) for s in shapes)
+    return Prepared([x], per_sample_grad(reference.pyramid), per_sample_grad(_ops.pyramid), None, inb + outs,
+                    outs + inb)
 
 
 def _prepare_train_step(v: Variant, g, dev, dtype, fmt) -> Prepared:

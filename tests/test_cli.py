@@ -196,3 +196,19 @@ def test_bench_rejects_unknown_names_and_takes_float16_on_request(capsys):
     result = bench.run(argparse.Namespace(**dict(base, dtypes="float16")))
     assert [(r["dtype"], r["pass"]) for r in result["rows"]] == [("float16", "fwd"), ("float16", "fwd+bwd")]
     assert all(r["msfast_ms"] > 0 and r["eager_ms"] > 0 for r in result["rows"])
+
+
+def test_bench_cases_compare_like_with_like():
+    """Each benchmark case's msfast and reference implementations compute the same thing (the
+    forward outputs, or for per_sample_grad the per-sample gradients), in the quick sizes."""
+    from msfast import bench
+
+    for v in bench.variants("cpu", [c for c in bench.CASES if c not in bench.TRAIN_CASES], dtypes=("float32",),
+                            quick=True):
+        p = bench.prepare(v)
+        got, want = p.run_msfast(*p.inputs), p.run_ref(*p.inputs)
+        got = got if isinstance(got, (list, tuple)) else [got]
+        want = want if isinstance(want, (list, tuple)) else [want]
+        assert len(got) == len(want), v
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m, v=v: f"{v}: {m}")
