@@ -7,13 +7,15 @@
 //
 // One call per sample, each sample's arguments sliced from the batched ones, so each sample is
 // resized exactly as it would be alone (its layout and nearest formulas); the results are
-// stacked with each sample's strides (F.interpolate goes through ATen's same loop).
+// stacked with each sample's strides. A loop costs a call per sample, which these batched
+// gradient APIs accept (they are the older vmap's users, not a hot path).
 #include <ATen/ATen.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
 #include <ATen/LegacyVmapTransforms.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <unordered_map>
 #include <vector>
 
