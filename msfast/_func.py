@@ -51,9 +51,10 @@ def _dense_in(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 class _Static:
-    """A Function's non-tensor arguments as one opaque value: functorch's generated vmap rules
-    flatten a Function's inputs as pytrees and match its gradients to them leaf by leaf, where
-    a list argument would count as its elements."""
+    """A Function's non-tensor arguments as one opaque value, one pytree leaf: functorch
+    flattens a Function's inputs as pytrees on every call under a transform (and its generated
+    vmap rules, which these Functions no longer use, matched gradients to the leaves one by one,
+    where a list argument counted as its elements)."""
 
     __slots__ = ("args",)
 
@@ -218,7 +219,7 @@ def upsample_concat(features, size, mode: str, align_corners: bool) -> torch.Ten
     return _ConcatFn.apply(_Static(list(size), mode, align_corners), *features)
 
 
-# ------------------------------------------------------------------------------ vmap rules
+# ------------------------------------------------------------------------------ batching
 
 
 def _batch_first(t: torch.Tensor, bdim, batch: int) -> torch.Tensor:
