@@ -1,5 +1,6 @@
-"""Gradients of both operators: gradcheck / gradgradcheck in float64, float32 gradients against the
-reference path, bitwise determinism (repeated runs, 1 vs 2 threads) and unused pyramid levels."""
+"""Gradients of both operators: gradcheck / gradgradcheck in float64 (also forward-mode AD, forward
+over reverse and the batched checks), float32 gradients against the reference path, bitwise
+determinism (repeated runs, 1 vs 2 threads) and unused pyramid levels."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def _cat(*feats, size=(5, 6), **kw):
 
 # -------------------------------------------------------------------- gradcheck, float64
 
+# Besides the backward (and the backward of the backward): forward-mode AD, forward over
+# reverse, and the batched checks (the gradients computed under vmap), which msfast.* serve with
+# the Python route of msfast/_func.py and csrc/legacy_vmap.cpp.
+EVERY_MODE = dict(check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True)
+EVERY_SECOND = dict(check_fwd_over_rev=True, check_batched_grad=True)
+
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "mean_std"])
@@ -54,8 +61,8 @@ def test_pyramid_gradcheck(combo, normalize, layout, device, gen):
     if normalize:
         kw.update(mean=MEAN, std=STD)
     fn = lambda x: msfast.pyramid(x, scales=SCALES, **kw)
-    assert gradcheck(fn, (x,), fast_mode=True)
-    assert gradgradcheck(fn, (x,), fast_mode=True)
+    assert gradcheck(fn, (x,), fast_mode=True, **EVERY_MODE)
+    assert gradgradcheck(fn, (x,), fast_mode=True, **EVERY_SECOND)
 
 
 @pytest.mark.parametrize("combo", PYRAMID_COMBOS, ids=_cid)
@@ -64,8 +71,8 @@ def test_pyramid_gradcheck_by_sizes(combo, device, gen):
     x = randn(gen, 2, 3, 7, 9, dtype=torch.float64, device=device, requires_grad=True)
     fn = lambda x: msfast.pyramid(x, sizes=SIZES, mode=mode, align_corners=align_corners, antialias=antialias,
                                   std=STD)
-    assert gradcheck(fn, (x,), fast_mode=True)
-    assert gradgradcheck(fn, (x,), fast_mode=True)
+    assert gradcheck(fn, (x,), fast_mode=True, **EVERY_MODE)
+    assert gradgradcheck(fn, (x,), fast_mode=True, **EVERY_SECOND)
 
 
 @pytest.mark.parametrize("case", [
@@ -79,8 +86,8 @@ def test_pyramid_gradcheck_full(case, device, gen):
     """Full (not fast-mode) gradcheck on a few representative configurations."""
     x = randn(gen, 1, 2, 7, 9, dtype=torch.float64, device=device, channels_last=True, requires_grad=True)
     fn = lambda x: msfast.pyramid(x, **case)
-    assert gradcheck(fn, (x,))
-    assert gradgradcheck(fn, (x,))
+    assert gradcheck(fn, (x,), **EVERY_MODE)
+    assert gradgradcheck(fn, (x,), **EVERY_SECOND)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
@@ -93,8 +100,8 @@ def test_upsample_concat_gradcheck(combo, layout, device, gen):
         for i, (c, h, w) in enumerate([(2, 7, 9), (3, 3, 4), (1, 10, 2)])
     ]
     fn = lambda *f: _cat(*f, mode=mode, align_corners=align_corners)
-    assert gradcheck(fn, tuple(feats), fast_mode=True)
-    assert gradgradcheck(fn, tuple(feats), fast_mode=True)
+    assert gradcheck(fn, tuple(feats), fast_mode=True, **EVERY_MODE)
+    assert gradgradcheck(fn, tuple(feats), fast_mode=True, **EVERY_SECOND)
 
 
 @pytest.mark.parametrize("mode,align_corners", [("bilinear", True), ("bicubic", None), ("nearest-exact", None)])
@@ -102,8 +109,8 @@ def test_upsample_concat_gradcheck_full(mode, align_corners, device, gen):
     feats = (randn(gen, 1, 2, 7, 9, dtype=torch.float64, device=device, requires_grad=True),
              randn(gen, 1, 1, 3, 4, dtype=torch.float64, device=device, channels_last=True, requires_grad=True))
     fn = lambda *f: _cat(*f, mode=mode, align_corners=align_corners)
-    assert gradcheck(fn, feats)
-    assert gradgradcheck(fn, feats)
+    assert gradcheck(fn, feats, **EVERY_MODE)
+    assert gradgradcheck(fn, feats, **EVERY_SECOND)
 
 
 # ------------------------------------------------------- float32 gradients vs the reference
@@ -234,8 +241,8 @@ def test_unused_levels_get_no_zero_gradients(device, gen):
 def test_pyramid_unused_levels_double_backward(device, gen):
     x = randn(gen, 1, 2, 7, 9, dtype=torch.float64, device=device, requires_grad=True)
     fn = lambda x: msfast.pyramid(x, scales=SCALES, mode="bilinear")[1]
-    assert gradcheck(fn, (x,), fast_mode=True)
-    assert gradgradcheck(fn, (x,), fast_mode=True)
+    assert gradcheck(fn, (x,), fast_mode=True, **EVERY_MODE)
+    assert gradgradcheck(fn, (x,), fast_mode=True, **EVERY_SECOND)
 
 
 # ------------------------------------------------------------------------- determinism
