@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "msfast/dispatch.h"
+#include "msfast/plan.h"  // resize_layouts
 
 #ifndef MSFAST_TORCH_VERSION
 #define MSFAST_TORCH_VERSION "unknown"
@@ -70,6 +71,13 @@ PYBIND11_MODULE(_C, m) {
         "torch.ops.msfast.upsample_concat's typed entry point");
   m.def("upsample_concat_out", &msfast::upsample_concat_out_entry, release(),
         "torch.ops.msfast.upsample_concat.out's typed entry point (out last, positional)");
+  m.def("resize_layouts", [](std::vector<int64_t> sizes, std::vector<int64_t> strides, bool normalized) {
+        const auto l = msfast::resize_layouts(
+            at::empty_strided(sizes, strides, at::TensorOptions().dtype(at::kByte).device(at::kMeta)), normalized);
+        return pybind11::make_tuple(l.channels_last, l.nearest_channels_last);
+      },
+        "(channels_last, nearest_channels_last) of a resize of a tensor of these sizes and strides, normalized "
+        "or not (csrc/msfast/plan.h: resize_layouts), for the Python autograd Functions of msfast/_func.py");
   m.def("cuda_built", &msfast::cuda_kernels_built, "True when the CUDA kernels were compiled in");
   m.def("empty_cpu_cache", &msfast::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("_set_cpu_runner", &msfast::set_cpu_runner,

@@ -51,19 +51,6 @@ def pyramid_normalizes(x_dtype: torch.dtype, out_dtype: torch.dtype, mean, std) 
     return x_dtype == torch.uint8 or out_dtype != x_dtype or mean is not None or std is not None
 
 
-def resize_layouts(x: torch.Tensor, normalized: bool) -> tuple[bool, bool]:
-    """(channels_last, nearest_channels_last) of the tensor a resize reads, as C++ gives them
-    (csrc/msfast/plan.h: resize_layouts): the layout the call runs in and returns, and whether
-    that tensor is channels_last contiguous, which picks ATen's CPU nearest formulas. The tensor
-    is x, or for a normalized pyramid x_norm, which has empty_like(x)'s strides. Only x's sizes
-    and strides are read, so that this also works on the tensors of torch.func transforms,
-    whose layout queries are partly unsupported under vmap."""
-    t = torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=torch.uint8, device="meta")
-    if normalized:
-        t = torch.empty_like(t)
-    return is_channels_last(t), t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _check_tensor(t, name: str, dtypes) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"msfast: {name} must be a torch.Tensor, got {type(t).__name__}")

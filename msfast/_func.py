@@ -28,9 +28,10 @@ import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch._prims_common import is_channels_last_contiguous, is_contiguous
 
-from ._args import is_channels_last, pyramid_normalizes, resize_layouts
+from ._args import is_channels_last, pyramid_normalizes
 
 _OPS = None  # the operators' overloads (msfast._ops._Overloads), set by install()
+_C = None  # msfast._C, set by install()
 _peek = torch._C._functorch.peek_interpreter_stack
 
 
@@ -38,6 +39,14 @@ def active() -> bool:
     """Whether a torch.func transform or forward-mode AD is active: calls then take the Python
     Functions. Never while torch.compile traces (it traces the operators themselves)."""
     return not torch.compiler.is_compiling() and (_fwad._current_level >= 0 or _peek() is not None)
+
+
+def resize_layouts(x: torch.Tensor, normalized: bool) -> tuple[bool, bool]:
+    """(channels_last, nearest_channels_last) of a resize of x, from C++ (plan.h: resize_layouts,
+    the operators' own rule) given x's sizes and strides: the tensors of torch.func transforms
+    answer few layout queries under vmap, and a Python twin would have to match ATen's stride
+    choices for size-1 dimensions, where its meta empty_like does not."""
+    return _C.resize_layouts(list(x.shape), list(x.stride()), normalized)
 
 
 def _dense_in(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -227,31 +236,38 @@ def _batch_first(t: torch.Tensor, bdim, batch: int) -> torch.Tensor:
     return t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
 
 
-def _fold(xb: torch.Tensor, normalized: bool) -> torch.Tensor:
+def _fold(xb: torch.Tensor, normalized: bool):
     """xb [B, N, C, H, W] as one batch [B * N, C, H, W] that an operator resizes as it resizes
     each xb[b] alone: with the same resize_layouts, which decide the output's layout and the
-    nearest formulas. A view where one keeps them, else a copy that does (dense channels_last,
-    channels_last but not dense, or NCHW), made out of place, so that a vmap nested in another
-    batches it too."""
+    nearest formulas. A view where one keeps them, else a copy that does (NCHW, dense
+    channels_last, or channels_last but not dense), made out of place so that a vmap nested in
+    another batches it too; None where neither does (a size-1 dimension's stride can decide a
+    sample's layout, and the folded batch has other sizes): the caller then loops."""
     B, N, C, H, W = xb.shape
-    if B == 0:
-        return xb.reshape(0, C, H, W)
-    want = resize_layouts(xb[0], normalized)
-    try:
-        folded = xb.view(B * N, C, H, W)
-        if resize_layouts(folded, normalized) == want:
+    want = resize_layouts(xb[0], normalized) if B else None
+
+    def view():
+        return xb.view(B * N, C, H, W)
+
+    def copy():
+        channels_last, dense_channels_last = want
+        if not channels_last:
+            return xb.reshape(B * N, C, H, W).contiguous()
+        nhwc = xb.permute(0, 1, 3, 4, 2)
+        if dense_channels_last:
+            return nhwc.reshape(B * N, H, W, C).permute(0, 3, 1, 2)
+        # Channels_last but not dense (a channels_last batch sliced along C, say): one padding
+        # channel per pixel keeps the strides' order and leaves the copy not dense.
+        return F.pad(nhwc, (0, 1)).reshape(B * N, H, W, C + 1)[..., :C].permute(0, 3, 1, 2)
+
+    for make in (view, copy):
+        try:
+            folded = make()
+        except (RuntimeError, ValueError):  # not expressible as a view (ValueError from fake tensors)
+            continue
+        if not B or resize_layouts(folded, normalized) == want:
             return folded
-    except (RuntimeError, ValueError):  # not expressible as a view (ValueError from fake tensors)
-        pass
-    channels_last, dense_channels_last = want
-    if not channels_last:
-        return xb.reshape(B * N, C, H, W).contiguous()
-    nhwc = xb.permute(0, 1, 3, 4, 2)
-    if dense_channels_last:
-        return nhwc.reshape(B * N, H, W, C).permute(0, 3, 1, 2)
-    # Channels_last but not dense (a channels_last batch sliced along C, say): one padding
-    # channel per pixel keeps the strides' order and leaves the copy not dense.
-    return F.pad(nhwc, (0, 1)).reshape(B * N, H, W, C + 1)[..., :C].permute(0, 3, 1, 2)
+    return None
 
 
 def _unfold(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
@@ -259,16 +275,28 @@ def _unfold(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     return t.view(batch, n, *t.shape[1:])
 
 
+def _stack(samples):
+    """Per-sample results (new dense tensors) along a new first dimension, each keeping its
+    layout; out of place, for nested vmaps."""
+    if is_channels_last(samples[0]):
+        return torch.stack([t.permute(0, 2, 3, 1) for t in samples]).permute(0, 1, 4, 2, 3)
+    return torch.stack(samples)
+
+
 # Each operator on B samples (batched along their dimension bdim, or None: the same for every
 # sample) as one call on the folded batch: `call` is the operator (the raw operators' vmap
 # rules) or its Function (the Functions' vmap staticmethods, so that autograd records the
-# folded call). They return the outputs with the batch first.
+# folded call). They return the outputs with the batch first. Where a fold cannot keep a
+# sample's layout, one call per sample.
 def _batched_pyramid(call, info, bdim, x, mean, std, out_dtype):
     B = info.batch_size
     dtype = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
     xb = _batch_first(x, bdim, B)
-    levels = call(_fold(xb, pyramid_normalizes(x.dtype, dtype, mean, std)))
-    return [_unfold(t, B, xb.shape[1]) for t in levels]
+    folded = _fold(xb, pyramid_normalizes(x.dtype, dtype, mean, std))
+    if folded is None:
+        per_sample = [call(xb[b]) for b in range(B)]
+        return [_stack([levels[k] for levels in per_sample]) for k in range(len(per_sample[0]))]
+    return [_unfold(t, B, xb.shape[1]) for t in call(folded)]
 
 
 def _batched_pyramid_backward(call, info, bdims, grads, input_shape):
@@ -280,7 +308,10 @@ def _batched_pyramid_backward(call, info, bdims, grads, input_shape):
 def _batched_concat(call, info, bdims, features):
     B = info.batch_size
     batched = [_batch_first(f, d, B) for f, d in zip(features, bdims)]
-    return _unfold(call([_fold(f, False) for f in batched]), B, batched[0].shape[1])
+    folded = [_fold(f, False) for f in batched]
+    if any(f is None for f in folded):
+        return _stack([call([f[b] for f in batched]) for b in range(B)])
+    return _unfold(call(folded), B, batched[0].shape[1])
 
 
 def _batched_concat_backward(call, info, bdim, grad):
@@ -314,12 +345,12 @@ def _concat_backward_vmap(info, in_dims, grad, *args):
     return grads, [0] * len(grads)
 
 
-def install(ops) -> None:
+def install(ops, c_module) -> None:
     """Called by msfast._ops once the operators are loaded: keeps their overloads and registers
     the vmap rules. upsample_concat.out has none (torch.library.register_vmap takes no
     keyword-only tensor): msfast.upsample_concat(out=) under vmap copies into out instead."""
-    global _OPS
-    _OPS = ops
+    global _OPS, _C
+    _OPS, _C = ops, c_module
     for name, rule in [("pyramid", _pyramid_vmap), ("pyramid_backward", _pyramid_backward_vmap),
                        ("upsample_concat", _concat_vmap), ("upsample_concat_backward", _concat_backward_vmap)]:
         torch.library.register_vmap(f"msfast::{name}", rule)

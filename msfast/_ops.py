@@ -286,17 +286,27 @@ class _Overloads:
 
 _OPS = _Overloads() if _C is not None else None
 if _OPS is not None:
-    _func.install(_OPS)
+    _func.install(_OPS, _C)
 
 if _C is not None:
+
+    def _runs_channels_last(x, normalized: bool) -> bool:
+        """Whether a call resizing x runs, and returns, channels_last: the layout of the tensor
+        F.interpolate resizes (plan.h: resize_layouts), x or, normalized, x_norm (empty_like(x)'s
+        strides). Asked of C++ itself where x's sizes and strides are numbers: in Python, neither
+        the meta empty_like nor _prims_common's dense check treats a size-1 dimension's stride
+        as ATen does, and the layout rule reads it (1x2x1x2 with strides (2, 1, 4, 2),
+        normalized, came back channels_last from a Python rule and NCHW from the kernel). With
+        symbolic sizes (torch.compile, dynamic shapes), the Python rule."""
+        shape, stride = list(x.shape), list(x.stride())
+        if all(type(v) is int for v in shape + stride):
+            return _C.resize_layouts(shape, stride, normalized)[0]
+        return is_channels_last(torch.empty_like(x) if normalized else x)
 
     @torch.library.register_fake("msfast::pyramid")
     def _pyramid_fake(x, sizes, scales, interpolation, antialias, align_corners, mean, std, out_dtype):
         dt = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
-        # The levels take the layout of the tensor F.interpolate resizes (plan.h: resize_layouts):
-        # x, or x_norm, a new tensor with empty_like(x)'s strides.
-        normalized = pyramid_normalizes(x.dtype, dt, mean, std)
-        fmt = _layout(is_channels_last(torch.empty_like(x) if normalized else x))
+        fmt = _layout(_runs_channels_last(x, pyramid_normalizes(x.dtype, dt, mean, std)))
         N, C = x.shape[0], x.shape[1]
         return [
             torch.empty((N, C, sizes[2 * k], sizes[2 * k + 1]), dtype=dt, device=x.device, memory_format=fmt)
@@ -322,7 +332,7 @@ if _C is not None:
         f0 = features[0]
         C = sum(f.shape[1] for f in features)
         return torch.empty((f0.shape[0], C, size[0], size[1]), dtype=f0.dtype, device=f0.device,
-                           memory_format=_layout(is_channels_last(f0)))
+                           memory_format=_layout(_runs_channels_last(f0, False)))
 
     @torch.library.register_fake("msfast::upsample_concat.out")
     def _concat_out_fake(features, size, interpolation, align_corners, *, out):

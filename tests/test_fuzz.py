@@ -271,6 +271,83 @@ def test_upsample_concat_backward(device, call):
         torch.testing.assert_close(a, b, **_grad_tol(dtype), msg=lambda m, i=i: f"features[{i}]: {m}")
 
 
+# ------------------------------------------------------------------------------------ vmap
+
+
+def _batched_leaf(seed, shape, dtype, layout, device, batch, bdim):
+    """(physical, per-sample leaves): `batch` leaves as _make builds them, stored in one tensor
+    whose dimension `bdim` is the batch and whose samples keep the leaves' strides; vmap over it
+    and apply the layout's view inside to get samples in `layout`."""
+    leaves = [_make(seed + b, shape, dtype, layout, device)[0] for b in range(batch)]
+    first = leaves[0]
+    physical = torch.empty_strided((batch, *first.shape), (first.numel(), *first.stride()), dtype=dtype,
+                                   device=device)
+    for b, leaf in enumerate(leaves):
+        physical[b].copy_(leaf)
+    return physical.movedim(0, bdim), leaves
+
+
+def _like_a_loop(got, want, dtype, exact, what):
+    """A vmapped sample against the same call alone: bitwise where the values are copies (the
+    nearest modes), else within the dtype's rounding (another N can take another summation path)."""
+    assert _format(got) == _format(want), f"{what}: strides {got.stride()}, alone {want.stride()}"
+    _assert_close(got, want, dtype, exact, what)
+
+
+def _as_seen(t, strides):
+    """t with the strides its vmapped twin had inside vmap. vmap can give a size-1 dimension
+    another stride (its expand does), which the layout rule reads; a size-1 dimension's stride
+    moves no element, so t's values stay where they are."""
+    assert all(a == b or n == 1 for a, b, n in zip(t.stride(), strides, t.shape)), (t.stride(), strides)
+    return t.as_strided(t.shape, strides, t.storage_offset())
+
+
+@fuzz_settings(30)
+@given(call=pyramid_calls(dtypes=(torch.uint8, *FLOAT_DTYPES)), bdim=st.integers(0, 4))
+def test_pyramid_vmap_equals_a_loop(device, call, bdim):
+    """torch.vmap over samples in every layout, the batch stored at any dimension (so that
+    folding it into N is a view or a copy): each sample as msfast.pyramid gives it alone."""
+    shape, dtype, layout, seed, kw = call
+    bdim = min(bdim, len(LAYOUTS[layout][0](*shape)))
+    physical, leaves = _batched_leaf(seed, shape, dtype, layout, device, 2, bdim)
+    view, seen = LAYOUTS[layout][1], []
+
+    def call_on(leaf):
+        x = view(leaf, *shape)
+        seen.append(x.stride())
+        return msfast.pyramid(x, **kw)
+
+    got = torch.vmap(call_on, in_dims=bdim)(physical)
+    out_dtype = level_dtype(dtype, kw.get("out_dtype"))
+    for b, leaf in enumerate(leaves):
+        alone = msfast.pyramid(_as_seen(view(leaf, *shape), seen[0]), **kw)
+        for k, (g, a) in enumerate(zip(got, alone)):
+            _like_a_loop(g[b], a, out_dtype, kw["mode"] in NEAREST, f"sample {b}, level {k}")
+
+
+@fuzz_settings(30)
+@given(call=concat_calls(dtypes=FLOAT_DTYPES), bdim=st.integers(0, 4))
+def test_upsample_concat_vmap_equals_a_loop(device, call, bdim):
+    N, feats, dtype, seed, kw, _ = call
+    dims = tuple(min(bdim, len(LAYOUTS[layout][0](N, c, h, w))) for c, h, w, layout in feats)
+    batched = [_batched_leaf(seed + 10 * i, (N, c, h, w), dtype, layout, device, 2, d)
+               for i, ((c, h, w, layout), d) in enumerate(zip(feats, dims))]
+    seen = []
+
+    def views(leaves):
+        return [LAYOUTS[layout][1](leaf, N, c, h, w) for leaf, (c, h, w, layout) in zip(leaves, feats)]
+
+    def call_on(*leaves):
+        xs = views(leaves)
+        seen.extend(x.stride() for x in xs)
+        return msfast.upsample_concat(xs, **kw)
+
+    got = torch.vmap(call_on, in_dims=dims)(*(p for p, _ in batched))
+    for b in range(2):
+        xs = [_as_seen(x, st) for x, st in zip(views([leaves[b] for _, leaves in batched]), seen)]
+        _like_a_loop(got[b], msfast.upsample_concat(xs, **kw), dtype, kw["mode"] in NEAREST, f"sample {b}")
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_layout_is_what_it_claims(layout):
     """The fuzzed layouts really are the strides they are named after."""

@@ -73,6 +73,24 @@ def test_fake_kernels_give_the_real_strides(layout, shape, gen):
         assert fake.device.type == "meta" and fake.stride() == got.stride()
 
 
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_fake_kernels_with_size_one_dimensions(layout, gen):
+    """A size-1 dimension's stride moves no element, but the layout rule reads it (vmap's expand
+    gives such strides): the fake kernels' strides equal the real ones, normalized or not. (The
+    fake pyramid took x_norm's layout from a meta empty_like, which restrides size-1 dimensions
+    where ATen's empty_like keeps a dense x's strides: 1x2x1x2 with strides (2, 1, 4, 2) came
+    back channels_last from the fake kernel and NCHW from the real one.)"""
+    base = _make(int(torch.randint(0, 2**31, (1,), generator=gen)), (1, 4, 1, 3), torch.float32, layout, "cpu")[1]
+    for n_stride, h_stride in [(1, 1), (2, 4), (3, 12), (12, 3), (100, 100), (0, 0)]:
+        x = base.as_strided(base.shape, (n_stride, base.stride(1), h_stride, base.stride(3)), base.storage_offset())
+        meta = torch.empty_strided(x.shape, x.stride(), device="meta")
+        for kw in ({}, {"mean": [0.5] * 4}):
+            got, fake = msfast.pyramid(x, sizes=[(5, 6)], **kw)[0], msfast.pyramid(meta, sizes=[(5, 6)], **kw)[0]
+            assert fake.stride() == got.stride(), (x.stride(), kw)
+            assert _format(got) == _format(ref_pyramid(x, sizes=[(5, 6)], **kw)[0]), (x.stride(), kw)
+        assert msfast.upsample_concat([meta], (5, 6)).stride() == msfast.upsample_concat([x], (5, 6)).stride()
+
+
 def _sliced_channels_last(gen, requires_grad=False):
     """8 of 10 channels of a channels_last float64 batch: channels_last strides, not dense."""
     base = randn(gen, 2, 10, 27, 12, dtype=torch.float64, channels_last=True, requires_grad=requires_grad)
