@@ -28,7 +28,7 @@ import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch._prims_common import is_channels_last_contiguous, is_contiguous
 
-from ._args import is_channels_last, pyramid_normalizes
+from ._args import pyramid_normalizes
 
 _OPS = None  # the operators' overloads (msfast._ops._Overloads), set by install()
 _C = None  # msfast._C, set by install()
@@ -92,18 +92,18 @@ class _PyramidFn(torch.autograd.Function):
         dtype = output[0].dtype
         cl, near_cl = resize_layouts(x, pyramid_normalizes(x.dtype, dtype, mean, std))
         ctx.near_cl = near_cl
-        ctx.backward = _Static(list(x.shape), scales, mode, antialias, align_corners, std, x.dtype, cl, near_cl)
-        ctx.tangent = _Static(flat, scales, mode, antialias, align_corners, None, std, dtype)
+        ctx.backward_args = _Static(list(x.shape), scales, mode, antialias, align_corners, std, x.dtype, cl, near_cl)
+        ctx.tangent_args = _Static(flat, scales, mode, antialias, align_corners, None, std, dtype)
 
     @staticmethod
     def backward(ctx, *grads):
         if all(g is None for g in grads):
             return None, None
-        return None, _PyramidBackwardFn.apply(ctx.backward, *grads)
+        return None, _PyramidBackwardFn.apply(ctx.backward_args, *grads)
 
     @staticmethod
     def jvp(ctx, _, x_t):
-        return _PyramidFn.apply(ctx.tangent, _dense_in(x_t, ctx.near_cl))
+        return _PyramidFn.apply(ctx.tangent_args, _dense_in(x_t, ctx.near_cl))
 
 
 class _PyramidBackwardFn(torch.autograd.Function):
@@ -165,13 +165,13 @@ class _ConcatFn(torch.autograd.Function):
         ctx.static = static
         ctx.shapes = [v for f in features for v in f.shape[1:]]
         ctx.near_cl = [resize_layouts(f, False)[1] for f in features]
-        ctx.backward = _Static(ctx.shapes, mode, align_corners, is_channels_last(output), ctx.near_cl)
+        ctx.backward_args = _Static(ctx.shapes, mode, align_corners, resize_layouts(output, False)[0], ctx.near_cl)
 
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
             return (None,) * (1 + len(ctx.near_cl))
-        return (None, *_ConcatBackwardFn.apply(ctx.backward, grad))
+        return (None, *_ConcatBackwardFn.apply(ctx.backward_args, grad))
 
     @staticmethod
     def jvp(ctx, _, *tangents):
@@ -278,7 +278,7 @@ def _unfold(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
 def _stack(samples):
     """Per-sample results (new dense tensors) along a new first dimension, each keeping its
     layout; out of place, for nested vmaps."""
-    if is_channels_last(samples[0]):
+    if is_channels_last_contiguous(samples[0]) and not is_contiguous(samples[0]):
         return torch.stack([t.permute(0, 2, 3, 1) for t in samples]).permute(0, 1, 4, 2, 3)
     return torch.stack(samples)
 
