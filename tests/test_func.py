@@ -4,9 +4,10 @@ F.interpolate works under vmap, grad, vjp, jvp, jacrev, jacfwd and hessian, and 
 forward-mode AD; so must msfast. Checked here:
 - vmap (of msfast.*, and of the raw operators through their vmap rules) equals a loop over the
   samples, in values (bitwise for the nearest modes; the others can take another summation
-  path for another N, an ulp apart) and in layout, for per-sample layouts that fold into N as a view and for
-  those that need a copy (the batch inside, channels_last not dense), in the modes whose
-  formulas depend on the layout (nearest with h + w > 128 and more than 3 channels);
+  path for another N, an ulp apart) and in layout, for per-sample layouts that fold into N as
+  a view and for those that need a copy (the batch inside, channels_last not dense), in the
+  modes whose formulas depend on the layout (nearest with h + w > 128 and more than 3
+  channels); test_fuzz.py fuzzes the same over every layout;
 - every transform, and forward-mode AD, gives the reference path's results (F.interpolate);
 - gradcheck with forward-mode AD and its batched checks, gradgradcheck forward-over-reverse;
 - the older vmap (torch._vmap_internals) of autograd.grad(is_grads_batched=True) and of
@@ -33,6 +34,10 @@ from msfast.models import MultiScaleResNet
 OPS = torch.ops.msfast
 F64 = {"rtol": 1e-10, "atol": 1e-10}
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD scripts a helper
+
+B, N = 3, 2
+
 
 def _like_a_loop(mode, dtype=torch.float64):
     """How close a vmapped call is to the same call per sample: the nearest modes copy values,
@@ -41,10 +46,6 @@ def _like_a_loop(mode, dtype=torch.float64):
     if mode.startswith("nearest"):
         return {"rtol": 0, "atol": 0}
     return {"rtol": 1e-14, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
-
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD scripts a helper
-
-B, N = 3, 2
 
 
 def _physical(gen, layout, C, H, W, device, dtype=torch.float64):
