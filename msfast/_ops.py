@@ -4,7 +4,8 @@ The schemas live in csrc/ops.cpp; importing msfast._C registers them with the CP
 CUDA) kernels and their autograd formulas (csrc/autograd.cpp: both operators are linear in
 their tensor inputs, so each backward is another msfast operator and the backward of a
 backward is the forward again). Here they get a fake kernel (shapes for torch.compile and
-meta tensors).
+meta tensors). Under torch.func transforms and forward-mode AD, which refuse a C++ autograd
+Function, msfast.* take the Python Functions of msfast/_func.py instead.
 """
 
 from __future__ import annotations
