@@ -6,14 +6,16 @@
 #   tests.xml        JUnit report of `pytest -m cuda`
 #   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
 #   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
+#   func/bench_cuda.json  (+ PNG) per_sample_grad (torch.func's vmap of grad), eager against msfast,
+#                    last and on its own: a failure there costs only its own rows
 #   profile.txt      host time of small calls, then torch.profiler tables (benchmarks/gpu_profile.py)
 #   tiles_ab.json    the opt-in switches (the tiled path, the gather's resident grid) against
 #                    the default (benchmarks/gpu_tiles.py)
 #   tests_opt_in.xml `pytest -m cuda` again with MSFAST_CUDA_TILES=1 MSFAST_CUDA_GRID=resident
 # to OUTDIR, in about 4 minutes on an H200 machine (16 cores; the build takes 1.7), plus about
 # 1.5 for the opt-in switches' two steps. The benchmarks and the profile run before the tests, so
-# that a run cut short still measures; TILES_S, BENCH_S, PROFILE_S, TESTS_S, TILES_TESTS_S and
-# COMPILE_S (seconds) bound each step.
+# that a run cut short still measures; TILES_S, BENCH_S, PROFILE_S, TESTS_S, TILES_TESTS_S,
+# COMPILE_S and FUNC_S (seconds) bound each step.
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Then `python benchmarks/gpu_results.py OUTDIR --note "..."` assembles them into
 # benchmarks/results/<device>-<commit>.json (the GPU, the date, the torch version, the commit,
@@ -46,7 +48,8 @@ t=$(date +%s)
 timeout ${TILES_S:-120} $PY benchmarks/gpu_tiles.py "$OUT/tiles_ab.json"
 echo "opt-in switches A/B rc=$? in $(( $(date +%s) - t )) s (tiles_ab.json)"
 t=$(date +%s)
-timeout ${BENCH_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --reps 15 --no-compile --out "$OUT"
+timeout ${BENCH_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --reps 15 --no-compile --out "$OUT" \
+  --cases preprocess,pyramid,pyramid_n1,fpn_concat,fpn_concat_out,fusion_concat,resnet_train_step
 echo "bench rc=$? in $(( $(date +%s) - t )) s"
 t=$(date +%s)
 timeout ${PROFILE_S:-90} $PY benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
@@ -63,4 +66,8 @@ t=$(date +%s)
 timeout ${COMPILE_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --cases fpn_concat,pyramid_n1 --layouts nchw \
   --reps 15 --out "$OUT/compile"
 echo "bench with torch.compile rc=$? in $(( $(date +%s) - t )) s"
+t=$(date +%s)
+timeout ${FUNC_S:-60} $PY -m msfast bench --device cuda --dtypes float32 --cases per_sample_grad --reps 15 --no-compile \
+  --out "$OUT/func"
+echo "torch.func bench rc=$? in $(( $(date +%s) - t )) s"
 echo "total $(( $(date +%s) - start )) s"

@@ -42,6 +42,7 @@ def slug(name: str) -> str:
 def assemble(outdir: str, note: str = "") -> dict:
     bench = _load(os.path.join(outdir, "bench_cuda.json"))
     compiled = _load(os.path.join(outdir, "compile", "bench_cuda.json"))
+    func = _load(os.path.join(outdir, "func", "bench_cuda.json"))
     env = (bench or compiled or {}).get("environment", {})
     info = _load(os.path.join(outdir, "info.json")) or {}
     host = []
@@ -63,6 +64,7 @@ def assemble(outdir: str, note: str = "") -> dict:
         "host": host,
         "bench_eager": bench,
         "bench_compile": compiled,
+        "bench_func": func,
     }
 
 
@@ -85,7 +87,7 @@ def main() -> None:
               f"({row['roofline_default']:.0%}), tiles {row['tiles_ms']:.3f} ms ({row['tiles_vs_default']:.2f}x, "
               f"took tiles {row['took_tiles']}), resident grid {row['resident_ms']:.3f} ms "
               f"({row['resident_vs_default']:.2f}x); max |diff| {row['max_abs_diff_vs_default']}")
-    for b in (r["bench_eager"], r["bench_compile"]):
+    for b in (r["bench_eager"], r["bench_compile"], r["bench_func"]):
         for row in (b or {}).get("rows", []):
             vs_c = row.get("speedup_vs_compile")
             print(f"{row['case']} {row['layout']} {row['pass']}: msfast {row['msfast_ms']:.3f} ms, "
