@@ -26,43 +26,35 @@ namespace {
 // first, size 1 where it lacks a level.
 using Physical = std::unordered_map<const c10::TensorImpl*, at::Tensor>;
 
-// Calls f(tensor) for every tensor in an argument: a tensor, a list of tensors, or a list of
-// optional tensors (pyramid_backward's gradients).
+// The argument with every tensor in it replaced by f(tensor): a tensor, a list of tensors, or a
+// list of optional tensors (pyramid_backward's gradients); other arguments as they are.
 template <typename F>
-void for_tensors(const c10::IValue& v, F&& f) {
-  if (v.isTensor()) {
-    f(v.toTensor());
-  } else if (v.isTensorList()) {
-    for (const at::Tensor& t : v.toTensorList()) f(t);
-  } else if (v.isList()) {
-    for (const c10::IValue& e : v.toListRef())
-      if (e.isTensor()) f(e.toTensor());
-  }
-}
-
-// The argument with each batched tensor replaced by its sample `index` (one index per batch
-// dimension; a size-1 dimension is shared by every sample).
-c10::IValue sample_of(const c10::IValue& v, const Physical& physical, const std::vector<int64_t>& index) {
-  auto pick = [&](const at::Tensor& t) {
-    const auto it = physical.find(t.unsafeGetTensorImpl());
-    if (it == physical.end()) return t;
-    at::Tensor p = it->second;
-    for (int64_t i : index) p = p.select(0, p.size(0) == 1 ? 0 : i);
-    return p;
-  };
-  if (v.isTensor()) return pick(v.toTensor());
+c10::IValue map_tensors(const c10::IValue& v, F&& f) {
+  if (v.isTensor()) return f(v.toTensor());
   if (v.isTensorList()) {
     c10::List<at::Tensor> out;
-    for (const at::Tensor& t : v.toTensorList()) out.push_back(pick(t));
+    for (const at::Tensor& t : v.toTensorList()) out.push_back(f(t));
     return out;
   }
   if (v.isList() && v.type()->containedType(0)->kind() == c10::TypeKind::OptionalType) {
     c10::List<std::optional<at::Tensor>> out;
     for (const c10::IValue& e : v.toListRef())
-      out.push_back(e.isTensor() ? std::optional<at::Tensor>(pick(e.toTensor())) : std::nullopt);
+      out.push_back(e.isTensor() ? std::optional<at::Tensor>(f(e.toTensor())) : std::nullopt);
     return out;
   }
   return v;
+}
+
+// The argument with each batched tensor replaced by its sample `index` (one index per batch
+// dimension; a size-1 dimension is shared by every sample).
+c10::IValue sample_of(const c10::IValue& v, const Physical& physical, const std::vector<int64_t>& index) {
+  return map_tensors(v, [&](const at::Tensor& t) {
+    const auto it = physical.find(t.unsafeGetTensorImpl());
+    if (it == physical.end()) return t;
+    at::Tensor p = it->second;
+    for (int64_t i : index) p = p.select(0, p.size(0) == 1 ? 0 : i);
+    return p;
+  });
 }
 
 void legacy_vmap_loop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
@@ -74,8 +66,9 @@ void legacy_vmap_loop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
   std::vector<at::Tensor> batched;
   for (const auto& a : args)
-    for_tensors(a, [&](const at::Tensor& t) {
+    map_tensors(a, [&](const at::Tensor& t) {
       if (at::isBatchedTensor(t)) batched.push_back(t);
+      return t;
     });
   TORCH_INTERNAL_ASSERT(!batched.empty());
   const auto views = at::MultiBatchVmapTransform::logicalToPhysical(batched);

@@ -299,9 +299,8 @@ if _C is not None:
         as ATen does, and the layout rule reads it (1x2x1x2 with strides (2, 1, 4, 2),
         normalized, came back channels_last from a Python rule and NCHW from the kernel). With
         symbolic sizes (torch.compile, dynamic shapes), the Python rule."""
-        shape, stride = list(x.shape), list(x.stride())
-        if all(type(v) is int for v in shape + stride):
-            return _C.resize_layouts(shape, stride, normalized)[0]
+        if all(type(v) is int for v in (*x.shape, *x.stride())):
+            return _func.resize_layouts(x, normalized)[0]
         return is_channels_last(torch.empty_like(x) if normalized else x)
 
     @torch.library.register_fake("msfast::pyramid")

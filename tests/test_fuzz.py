@@ -287,7 +287,7 @@ def _batched_leaf(seed, shape, dtype, layout, device, batch, bdim):
     return physical.movedim(0, bdim), leaves
 
 
-def _like_a_loop(got, want, dtype, exact, what):
+def _assert_as_alone(got, want, dtype, exact, what):
     """A vmapped sample against the same call alone: bitwise where the values are copies (the
     nearest modes), else within the dtype's rounding (another N can take another summation path)."""
     assert _format(got) == _format(want), f"{what}: strides {got.stride()}, alone {want.stride()}"
@@ -322,7 +322,7 @@ def test_pyramid_vmap_equals_a_loop(device, call, bdim):
     for b, leaf in enumerate(leaves):
         alone = msfast.pyramid(_as_seen(view(leaf, *shape), seen[0]), **kw)
         for k, (g, a) in enumerate(zip(got, alone)):
-            _like_a_loop(g[b], a, out_dtype, kw["mode"] in NEAREST, f"sample {b}, level {k}")
+            _assert_as_alone(g[b], a, out_dtype, kw["mode"] in NEAREST, f"sample {b}, level {k}")
 
 
 @fuzz_settings(30)
@@ -345,7 +345,7 @@ def test_upsample_concat_vmap_equals_a_loop(device, call, bdim):
     got = torch.vmap(call_on, in_dims=dims)(*(p for p, _ in batched))
     for b in range(2):
         xs = [_as_seen(x, st) for x, st in zip(views([leaves[b] for _, leaves in batched]), seen)]
-        _like_a_loop(got[b], msfast.upsample_concat(xs, **kw), dtype, kw["mode"] in NEAREST, f"sample {b}")
+        _assert_as_alone(got[b], msfast.upsample_concat(xs, **kw), dtype, kw["mode"] in NEAREST, f"sample {b}")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
