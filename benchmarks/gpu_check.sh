@@ -6,8 +6,9 @@
 #   tests.xml        JUnit report of `pytest -m cuda`
 #   bench_cuda.json  (+ PNG) every case, eager against msfast, float32
 #   compile/bench_cuda.json  (+ PNG) the cases with a torch.compile baseline
-#   func/bench_cuda.json  (+ PNG) per_sample_grad (torch.func's vmap of grad), eager against msfast,
-#                    last and on its own: a failure there costs only its own rows
+#   func/bench_cuda.json  (+ PNG) per_sample_grad and ensemble_fusion (torch.func's vmap of grad,
+#                    and vmap), eager against msfast, last and on their own: a failure there
+#                    costs only their rows
 #   profile.txt      host time of small calls, then torch.profiler tables (benchmarks/gpu_profile.py)
 #   tiles_ab.json    the opt-in switches (the tiled path, the gather's resident grid) against
 #                    the default (benchmarks/gpu_tiles.py)
@@ -67,7 +68,8 @@ timeout ${COMPILE_S:-150} $PY -m msfast bench --device cuda --dtypes float32 --c
   --reps 15 --out "$OUT/compile"
 echo "bench with torch.compile rc=$? in $(( $(date +%s) - t )) s"
 t=$(date +%s)
-timeout ${FUNC_S:-60} $PY -m msfast bench --device cuda --dtypes float32 --cases per_sample_grad --reps 15 --no-compile \
+timeout ${FUNC_S:-60} $PY -m msfast bench --device cuda --dtypes float32 --cases per_sample_grad,ensemble_fusion --reps 15 \
+  --no-compile \
   --out "$OUT/func"
 echo "torch.func bench rc=$? in $(( $(date +%s) - t )) s"
 echo "total $(( $(date +%s) - start )) s"

@@ -10,6 +10,7 @@
 
 #include "msfast/dispatch.h"
 #include "msfast/plan.h"  // resize_layouts
+#include "msfast/vmap.h"  // fold, stack_samples
 
 #ifndef MSFAST_TORCH_VERSION
 #define MSFAST_TORCH_VERSION "unknown"
@@ -72,12 +73,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("upsample_concat_out", &msfast::upsample_concat_out_entry, release(),
         "torch.ops.msfast.upsample_concat.out's typed entry point (out last, positional)");
   m.def("resize_layouts", [](std::vector<int64_t> sizes, std::vector<int64_t> strides, bool normalized) {
-        const auto l = msfast::resize_layouts(
-            at::empty_strided(sizes, strides, at::TensorOptions().dtype(at::kByte).device(at::kMeta)), normalized);
+        const auto l = msfast::resize_layouts(msfast::strides_only(c10::fromIntArrayRefSlow(sizes),
+                                                                   c10::fromIntArrayRefSlow(strides)),
+                                              normalized);
         return pybind11::make_tuple(l.channels_last, l.nearest_channels_last);
       },
         "(channels_last, nearest_channels_last) of a resize of a tensor of these sizes and strides, normalized "
         "or not (csrc/msfast/plan.h: resize_layouts), for the Python autograd Functions of msfast/_func.py");
+  m.def("fold", &msfast::fold,
+        "fold(xb, normalized): xb [B, N, C, H, W] as [B * N, C, H, W] resized as each sample alone, or None "
+        "(csrc/msfast/vmap.h), for the vmap staticmethods of msfast/_func.py");
+  m.def("stack_samples", &msfast::stack_samples,
+        "Per-sample results stacked along a new first dimension, each keeping its layout (csrc/msfast/vmap.h)");
   m.def("cuda_built", &msfast::cuda_kernels_built, "True when the CUDA kernels were compiled in");
   m.def("empty_cpu_cache", &msfast::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("_set_cpu_runner", &msfast::set_cpu_runner,

@@ -1,31 +1,32 @@
 """torch.func transforms and forward-mode AD for the two operators.
 
-The operators' autograd formulas are C++ (csrc/autograd.cpp, torch::autograd::Function: a
-few microseconds a call, and a node that compiled autograd traces). functorch refuses a C++
-Function under its transforms ("cannot use C++ torch::autograd::Function with functorch
-transforms"), and a C++ Function has no forward-mode formula. So while a transform (vmap,
-grad, vjp, jvp, jacrev, jacfwd, hessian) or forward-mode AD is active (`active`),
-msfast.pyramid and msfast.upsample_concat go through the Python Functions below. Their
-formulas are the C++ ones: each operator is linear in its tensors, so its backward is another
-operator, the backward of a backward is the forward again, and an output's tangent is the
-operator applied to the input's tangent (without the mean, which is not linear).
+vmap alone: msfast.pyramid and msfast.upsample_concat call the operators, and torch.vmap runs
+their batching kernels (the FuncTorchBatched dispatch key, registered by `install`), which
+fold the vmapped dimension into N and make one call. Regular autograd through the vmap takes
+the operators' C++ autograd on the folded call.
 
-Batching folds the vmapped dimension into N and makes one call (the `_batched_*` helpers):
-in each Function's vmap staticmethod, which applies the Function to the folded batch (so that
-autograd records that one call), and in each raw operator's vmap rule
-(torch.library.register_vmap, installed by `install`). A folded batch is resized as each
-sample would be alone, with the same layout and nearest formulas (`_fold`): vmap gives what a
-loop over the samples gives. (Explicit vmap staticmethods rather than functorch's generated
-ones, which cost about 0.8 ms of Python a call on this project's Xeon; functorch's machinery
-for a custom vmap still costs about 0.3 ms a call, so vmap of small inputs is slower than
-vmap of F.interpolate, whose batching rules are C++.)
+Grad-like transforms (grad, vjp, jvp, jacrev, jacfwd, hessian, and vmaps of them) and
+forward-mode AD (`active`): the operators' autograd formulas are C++ (csrc/autograd.cpp,
+torch::autograd::Function: a few microseconds a call, and a node that compiled autograd
+traces), which functorch refuses there ("cannot use C++ torch::autograd::Function with
+functorch transforms"), and a C++ Function has no forward-mode formula. So the calls go through
+the Python Functions below. Their formulas are the C++ ones: each operator is linear in its
+tensors, so its backward is another operator, the backward of a backward is the forward again,
+and an output's tangent is the operator applied to the input's tangent (without the mean,
+which is not linear). Each has an explicit vmap staticmethod (functorch's generated ones cost
+about 0.8 ms of Python a call on this project's Xeon) that applies the Function to the folded
+batch, so that autograd records that one call; functorch's machinery around a Function still
+costs about 0.3 ms a call.
+
+Both fold with the same helpers (`_batched_*`, and msfast._C.fold: a folded batch is resized
+as each sample would be alone, with the same layout and nearest formulas), so vmap gives what
+a loop over the samples gives.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as _fwad
-import torch.nn.functional as F
 from torch._prims_common import is_channels_last_contiguous, is_contiguous
 
 from ._args import pyramid_normalizes
@@ -33,12 +34,20 @@ from ._args import pyramid_normalizes
 _OPS = None  # the operators' overloads (msfast._ops._Overloads), set by install()
 _C = None  # msfast._C, set by install()
 _peek = torch._C._functorch.peek_interpreter_stack
+_VMAP = torch._C._functorch.TransformType.Vmap
 
 
 def active() -> bool:
-    """Whether a torch.func transform or forward-mode AD is active: calls then take the Python
-    Functions. Never while torch.compile traces (it traces the operators themselves)."""
-    return not torch.compiler.is_compiling() and (_fwad._current_level >= 0 or _peek() is not None)
+    """Whether a call must take the Python Functions: with forward-mode AD on, or under a
+    torch.func transform other than vmap (grad, vjp, jvp and those built on them), where
+    functorch refuses the operators' C++ autograd. Under vmap alone a call goes to the operator
+    and its batching kernel (below). Never while torch.compile traces (it traces the operators
+    themselves)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _fwad._current_level >= 0:
+        return True
+    return _peek() is not None and any(i.key() != _VMAP for i in torch._C._functorch.get_interpreter_stack())
 
 
 def resize_layouts(x: torch.Tensor, normalized: bool) -> tuple[bool, bool]:
@@ -81,7 +90,8 @@ class _PyramidFn(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, static, x):
         _, _, _, _, _, mean, std, out_dtype = static.args
-        levels = _batched_pyramid(lambda f: _PyramidFn.apply(static, f), info, in_dims[1], x, mean, std, out_dtype)
+        levels = _batched_pyramid(lambda f: _PyramidFn.apply(static, f), info.batch_size, in_dims[1], x, mean, std,
+                                  out_dtype)
         return tuple(levels), (0,) * len(levels)
 
     @staticmethod
@@ -118,7 +128,7 @@ class _PyramidBackwardFn(torch.autograd.Function):
     def vmap(info, in_dims, static, *grads):
         shape, *rest = static.args
         call = lambda gs, folded_shape: _PyramidBackwardFn.apply(_Static(folded_shape, *rest), *gs)  # noqa: E731
-        return _batched_pyramid_backward(call, info, in_dims[1:], grads, shape), 0
+        return _batched_pyramid_backward(call, info.batch_size, in_dims[1:], grads, shape), 0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -155,7 +165,7 @@ class _ConcatFn(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, static, *features):
-        return _batched_concat(lambda fs: _ConcatFn.apply(static, *fs), info, in_dims[1:], features), 0
+        return _batched_concat(lambda fs: _ConcatFn.apply(static, *fs), info.batch_size, in_dims[1:], features), 0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -195,7 +205,8 @@ class _ConcatBackwardFn(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, static, grad):
-        grads = _batched_concat_backward(lambda g: _ConcatBackwardFn.apply(static, g), info, in_dims[1], grad)
+        grads = _batched_concat_backward(lambda g: _ConcatBackwardFn.apply(static, g), info.batch_size, in_dims[1],
+                                         grad)
         return tuple(grads), (0,) * len(grads)
 
     @staticmethod
@@ -236,121 +247,117 @@ def _batch_first(t: torch.Tensor, bdim, batch: int) -> torch.Tensor:
     return t.movedim(bdim, 0) if bdim is not None else t.expand(batch, *t.shape)
 
 
-def _fold(xb: torch.Tensor, normalized: bool):
-    """xb [B, N, C, H, W] as one batch [B * N, C, H, W] that an operator resizes as it resizes
-    each xb[b] alone: with the same resize_layouts, which decide the output's layout and the
-    nearest formulas. A view where one keeps them, else a copy that does (NCHW, dense
-    channels_last, or channels_last but not dense), made out of place so that a vmap nested in
-    another batches it too; None where neither does (a size-1 dimension's stride can decide a
-    sample's layout, and the folded batch has other sizes): the caller then loops."""
-    B, N, C, H, W = xb.shape
-    want = resize_layouts(xb[0], normalized) if B else None
-
-    def view():
-        return xb.view(B * N, C, H, W)
-
-    def copy():
-        channels_last, dense_channels_last = want
-        if not channels_last:
-            return xb.reshape(B * N, C, H, W).contiguous()
-        nhwc = xb.permute(0, 1, 3, 4, 2)
-        if dense_channels_last:
-            return nhwc.reshape(B * N, H, W, C).permute(0, 3, 1, 2)
-        # Channels_last but not dense (a channels_last batch sliced along C, say): one padding
-        # channel per pixel keeps the strides' order and leaves the copy not dense.
-        return F.pad(nhwc, (0, 1)).reshape(B * N, H, W, C + 1)[..., :C].permute(0, 3, 1, 2)
-
-    for make in (view, copy):
-        try:
-            folded = make()
-        except (RuntimeError, ValueError):  # not expressible as a view (ValueError from fake tensors)
-            continue
-        if not B or resize_layouts(folded, normalized) == want:
-            return folded
-    return None
-
-
 def _unfold(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     """[B * N, ...] as [B, N, ...]: a view (splitting the first dimension always is one)."""
     return t.view(batch, n, *t.shape[1:])
 
 
-def _stack(samples):
-    """Per-sample results (new dense tensors) along a new first dimension, each keeping its
-    layout; out of place, for nested vmaps."""
-    if is_channels_last_contiguous(samples[0]) and not is_contiguous(samples[0]):
-        return torch.stack([t.permute(0, 2, 3, 1) for t in samples]).permute(0, 1, 4, 2, 3)
-    return torch.stack(samples)
-
-
 # Each operator on B samples (batched along their dimension bdim, or None: the same for every
-# sample) as one call on the folded batch: `call` is the operator (the raw operators' vmap
-# rules) or its Function (the Functions' vmap staticmethods, so that autograd records the
-# folded call). They return the outputs with the batch first. Where a fold cannot keep a
+# sample) as one call on the folded batch (_C.fold: a view or a copy that each sample's
+# layout and nearest formulas survive; csrc/vmap.cpp): `call` is the operator (the batching
+# kernels below) or its Function (the Functions' vmap staticmethods, so that autograd records
+# the folded call). They return the outputs with the batch first. Where no fold keeps a
 # sample's layout, one call per sample.
-def _batched_pyramid(call, info, bdim, x, mean, std, out_dtype):
-    B = info.batch_size
+def _batched_pyramid(call, B, bdim, x, mean, std, out_dtype):
     dtype = out_dtype if out_dtype is not None else (torch.float32 if x.dtype == torch.uint8 else x.dtype)
     xb = _batch_first(x, bdim, B)
-    folded = _fold(xb, pyramid_normalizes(x.dtype, dtype, mean, std))
+    folded = _C.fold(xb, pyramid_normalizes(x.dtype, dtype, mean, std))
     if folded is None:
         per_sample = [call(xb[b]) for b in range(B)]
-        return [_stack([levels[k] for levels in per_sample]) for k in range(len(per_sample[0]))]
+        return [_C.stack_samples([levels[k] for levels in per_sample]) for k in range(len(per_sample[0]))]
     return [_unfold(t, B, xb.shape[1]) for t in call(folded)]
 
 
-def _batched_pyramid_backward(call, info, bdims, grads, input_shape):
-    B = info.batch_size
+def _batched_pyramid_backward(call, B, bdims, grads, input_shape):
+    # The layouts are the operator's arguments here: any fold will do.
     folded = [None if g is None else _batch_first(g, d, B).flatten(0, 1) for g, d in zip(grads, bdims)]
     return _unfold(call(folded, [B * input_shape[0], *input_shape[1:]]), B, input_shape[0])
 
 
-def _batched_concat(call, info, bdims, features):
-    B = info.batch_size
+def _batched_concat(call, B, bdims, features):
     batched = [_batch_first(f, d, B) for f, d in zip(features, bdims)]
-    folded = [_fold(f, False) for f in batched]
+    folded = [_C.fold(f, False) for f in batched]
     if any(f is None for f in folded):
-        return _stack([call([f[b] for f in batched]) for b in range(B)])
+        return _C.stack_samples([call([f[b] for f in batched]) for b in range(B)])
     return _unfold(call(folded), B, batched[0].shape[1])
 
 
-def _batched_concat_backward(call, info, bdim, grad):
-    B = info.batch_size
+def _batched_concat_backward(call, B, bdim, grad):
     gb = _batch_first(grad, bdim, B)
     return [_unfold(g, B, gb.shape[1]) for g in call(gb.flatten(0, 1))]
 
 
-def _pyramid_vmap(info, in_dims, x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype):
-    def call(folded):
-        return _OPS.pyramid(folded, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype)
-
-    levels = _batched_pyramid(call, info, in_dims[0], x, mean, std, out_dtype)
-    return levels, [0] * len(levels)
-
-
-def _pyramid_backward_vmap(info, in_dims, grads, input_shape, *args):
-    def call(folded, folded_shape):
-        return _OPS.pyramid_backward(folded, folded_shape, *args)
-
-    return _batched_pyramid_backward(call, info, in_dims[0], grads, input_shape), 0
+# The operators' batching kernels (the FuncTorchBatched dispatch key), which torch.vmap runs
+# for a call on tensors it batches. Written against functorch's own primitives, as its C++
+# batching rules are: unwrap at the current level, call the operator with batching excluded
+# (the levels below still run), wrap the outputs. torch.library.register_vmap's generic
+# wrapper costs about 0.5 ms a call in pytree handling on this project's Xeon, ten times a
+# small call's kernel. (In C++ these would need ATen/functorch's headers, which include
+# nlohmann/json.hpp, which torch's wheels do not ship.)
+_TF = torch._C._functorch
+_NO_BATCHING = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
 
 
-def _concat_vmap(info, in_dims, features, size, mode, align_corners):
-    return _batched_concat(lambda fs: _OPS.upsample_concat(fs, size, mode, align_corners), info, in_dims[0],
-                           features), 0
+def _level():
+    """(level, batch size) of the vmap whose batching kernel runs."""
+    top = _peek()
+    return top.level(), _TF.CVmapInterpreterPtr(top).batchSize()
 
 
-def _concat_backward_vmap(info, in_dims, grad, *args):
-    grads = _batched_concat_backward(lambda g: _OPS.upsample_concat_backward(g, *args), info, in_dims[0], grad)
-    return grads, [0] * len(grads)
+def _pyramid_kernel(_keyset, x, sizes, *args):
+    level, B = _level()
+    x, bdim = _TF._unwrap_batched(x, level)
+    with torch._C._ExcludeDispatchKeyGuard(_NO_BATCHING):
+        if bdim is None:
+            return _OPS.pyramid(x, sizes, *args)
+        mean, std, out_dtype = args[-3:]
+        levels = _batched_pyramid(lambda f: _OPS.pyramid(f, sizes, *args), B, bdim, x, mean, std, out_dtype)
+    return [_TF._add_batch_dim(t, 0, level) for t in levels]
+
+
+def _pyramid_backward_kernel(_keyset, grads, input_shape, *args):
+    level, B = _level()
+    unwrapped = [(None, None) if g is None else _TF._unwrap_batched(g, level) for g in grads]
+    grads, bdims = [g for g, _ in unwrapped], [d for _, d in unwrapped]
+    with torch._C._ExcludeDispatchKeyGuard(_NO_BATCHING):
+        if all(d is None for d in bdims):
+            return _OPS.pyramid_backward(grads, input_shape, *args)
+        gx = _batched_pyramid_backward(lambda gs, shape: _OPS.pyramid_backward(gs, shape, *args), B, bdims,
+                                       grads, input_shape)
+    return _TF._add_batch_dim(gx, 0, level)
+
+
+def _concat_kernel(_keyset, features, *args):
+    level, B = _level()
+    unwrapped = [_TF._unwrap_batched(f, level) for f in features]
+    features, bdims = [f for f, _ in unwrapped], [d for _, d in unwrapped]
+    with torch._C._ExcludeDispatchKeyGuard(_NO_BATCHING):
+        if all(d is None for d in bdims):
+            return _OPS.upsample_concat(features, *args)
+        out = _batched_concat(lambda fs: _OPS.upsample_concat(fs, *args), B, bdims, features)
+    return _TF._add_batch_dim(out, 0, level)
+
+
+def _concat_backward_kernel(_keyset, grad, *args):
+    level, B = _level()
+    grad, bdim = _TF._unwrap_batched(grad, level)
+    with torch._C._ExcludeDispatchKeyGuard(_NO_BATCHING):
+        if bdim is None:
+            return _OPS.upsample_concat_backward(grad, *args)
+        grads = _batched_concat_backward(lambda g: _OPS.upsample_concat_backward(g, *args), B, bdim, grad)
+    return [_TF._add_batch_dim(g, 0, level) for g in grads]
+
+
+_LIB = None  # the torch.library.Library that holds the batching kernels
 
 
 def install(ops, c_module) -> None:
     """Called by msfast._ops once the operators are loaded: keeps their overloads and registers
-    the vmap rules. upsample_concat.out has none (torch.library.register_vmap takes no
-    keyword-only tensor): msfast.upsample_concat(out=) under vmap copies into out instead."""
-    global _OPS, _C
+    the batching kernels. upsample_concat.out has none (out may not be batched as the features
+    are): msfast.upsample_concat(out=) under vmap copies into out instead."""
+    global _OPS, _C, _LIB
     _OPS, _C = ops, c_module
-    for name, rule in [("pyramid", _pyramid_vmap), ("pyramid_backward", _pyramid_backward_vmap),
-                       ("upsample_concat", _concat_vmap), ("upsample_concat_backward", _concat_backward_vmap)]:
-        torch.library.register_vmap(f"msfast::{name}", rule)
+    _LIB = torch.library.Library("msfast", "IMPL")
+    for name, kernel in [("pyramid", _pyramid_kernel), ("pyramid_backward", _pyramid_backward_kernel),
+                         ("upsample_concat", _concat_kernel), ("upsample_concat_backward", _concat_backward_kernel)]:
+        _LIB.impl(name, kernel, "FuncTorchBatched", with_keyset=True)

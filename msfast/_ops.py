@@ -4,8 +4,9 @@ The schemas live in csrc/ops.cpp; importing msfast._C registers them with the CP
 CUDA) kernels and their autograd formulas (csrc/autograd.cpp: both operators are linear in
 their tensor inputs, so each backward is another msfast operator and the backward of a
 backward is the forward again). Here they get a fake kernel (shapes for torch.compile and
-meta tensors). Under torch.func transforms and forward-mode AD, which refuse a C++ autograd
-Function, msfast.* take the Python Functions of msfast/_func.py instead.
+meta tensors). Under torch.func's grad-like transforms and forward-mode AD, which refuse a C++
+autograd Function, msfast.* take the Python Functions of msfast/_func.py instead; under vmap
+alone they call the operators, whose batching kernels are in msfast/_func.py too.
 """
 
 from __future__ import annotations
@@ -168,8 +169,9 @@ def _direct(t: torch.Tensor) -> bool:
     tensor (a subclass may override __torch_function__, which only torch.ops honours), with no
     torch_function mode active (it must see the operator), outside torch.compile (Dynamo traces
     torch.ops, not an extension's functions), and with no torch.func transform or forward-mode
-    AD active (those take msfast/_func.py's Python Functions; the test is _func.active's, inlined:
-    a function call costs a tenth of a microsecond here). Both routes reach the same dispatcher:
+    AD active (those go through torch.ops or msfast/_func.py's Python Functions, _func.active;
+    the test is inlined: a function call costs a tenth of a microsecond here, and this one
+    needs no look at the transforms' stack). Both routes reach the same dispatcher:
     autograd, the device kernels and torch_dispatch modes behave the same."""
     return (type(t) is torch.Tensor and not _tf_mode() and not torch.compiler.is_compiling()
             and _fwad._current_level < 0 and _peek() is None)
@@ -250,9 +252,8 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
     if not _use_kernels(features[0].device):
         return reference.upsample_concat(features, size, mode=mode, align_corners=align_corners, out=out)
     direct = all(type(f) is torch.Tensor for f in features) and _direct(features[0])
-    transformed = not direct and _func.active()
     if out is None:
-        if transformed:
+        if not direct and _func.active():
             return _func.upsample_concat(features, size, mode, align_corners)
         op = _C.upsample_concat if direct else _OPS.upsample_concat
         return op(features, list(size), mode, align_corners)
@@ -261,8 +262,10 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
             "msfast.upsample_concat(out=...) does not support automatic differentiation: "
             "call it without out= when the features require grad"
         )
-    if transformed:  # no batching rule for an operator with out= (out may not be batched): a copy
-        out.copy_(_func.upsample_concat(features, size, mode, align_corners))
+    if not direct and (_fwad._current_level >= 0 or _peek() is not None):
+        # No batching kernel or Function for the out= operator (out may not be batched as the
+        # features are): the call without out=, copied.
+        out.copy_(upsample_concat(features, size, mode=mode, align_corners=align_corners))
     elif direct and type(out) is torch.Tensor:
         _C.upsample_concat_out(features, list(size), mode, align_corners, out)
     else:

@@ -43,8 +43,8 @@ from . import _ops, reference
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", "fusion_concat", "per_sample_grad",
-         "resnet_train_step")
+CASES = ("preprocess", "pyramid", "pyramid_n1", "fpn_concat", "fpn_concat_out", "fusion_concat", "ensemble_fusion",
+         "per_sample_grad", "resnet_train_step")
 TRAIN_CASES = ("resnet_train_step",)
 COMPILE_SKIPPED = ("torch.compile of the whole ResNet-18 training step took 200 s to compile (one variant, 2-core "
                    "machine); this case compares the two eager backends")
@@ -150,6 +150,8 @@ def prepare(v: Variant, seed: int = 0) -> Prepared:
                         grads, inb + outs, outs + inb)
     if v.case == "per_sample_grad":
         return _prepare_per_sample_grad(v, g, dev, dtype)
+    if v.case == "ensemble_fusion":
+        return _prepare_ensemble_fusion(v, g, dev, dtype, fmt)
     if v.case == "fusion_concat":
         # MultiScaleResNet-18's fusion on 128-pixel images: 49152 planes of 4x4 or less
         n = 8 if q else 32
@@ -204,6 +206,32 @@ def _prepare_per_sample_grad(v: Variant, g, dev, dtype) -> Prepared:
     outs = n * sum(_nbytes(s, dtype) for s in shapes)
     return Prepared([x], per_sample_grad(reference.pyramid), per_sample_grad(_ops.pyramid), None, inb + outs,
                     outs + inb)
+
+
+def _prepare_ensemble_fusion(v: Variant, g, dev, dtype, fmt) -> Prepared:
+    """The fusion of fusion_concat in an ensemble run with torch.vmap (as
+    torch.func.stack_module_state and vmap(functional_call) run one): 8 members, each with
+    features of N=8, 512 ch @ 4x4, 2x2 and 1x1, to 4x4, bilinear, batched along a first
+    dimension. fwd+bwd is regular autograd through the vmap."""
+    e, n = (2, 4) if v.quick else (8, 8)
+    spec, size = [(512, 4), (512, 2), (512, 1)], (4, 4)
+    feats = [torch.randn(e * n, c, s, s, generator=g).to(dev, dtype).contiguous(memory_format=fmt).unflatten(0, (e, n))
+             for c, s in spec]
+    out_shape = (e, n, sum(c for c, _ in spec), *size)
+    grads = None
+    if v.pass_ == "fwd+bwd":
+        for f in feats:
+            f.requires_grad_(True)
+        grads = [torch.randn(e * n, *out_shape[2:], generator=g).to(dev, dtype).contiguous(memory_format=fmt)
+                 .unflatten(0, (e, n))]
+
+    def ensemble(impl):
+        return torch.func.vmap(lambda *f: impl(list(f), size))
+
+    inb = sum(_nbytes(f.shape, dtype) for f in feats)
+    outb = _nbytes(out_shape, dtype)
+    return Prepared(feats, ensemble(reference.upsample_concat), ensemble(_ops.upsample_concat), grads, inb + outb,
+                    outb + inb)
 
 
 def _prepare_train_step(v: Variant, g, dev, dtype, fmt) -> Prepared:

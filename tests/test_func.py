@@ -2,7 +2,8 @@
 
 F.interpolate works under vmap, grad, vjp, jvp, jacrev, jacfwd and hessian, and with
 forward-mode AD; so must msfast. Checked here:
-- vmap (of msfast.*, and of the raw operators through their vmap rules) equals a loop over the
+- vmap (of msfast.*, and of the raw operators: both take the operators' batching kernels,
+  while grad-like transforms take the Python Functions' vmap rules) equals a loop over the
   samples, in values (bitwise for the nearest modes; the others can take another summation
   path for another N, an ulp apart) and in layout, for per-sample layouts that fold into N as
   a view and for those that need a copy (the batch inside, channels_last not dense), in the
@@ -167,6 +168,50 @@ def test_vmap_of_the_raw_operators(device, gen):
         want = OPS.upsample_concat_backward(g[b], [2, 4, 5, 3, 9, 8], "bicubic", True, False, [False, False])
         for p, w in zip(parts, want):
             torch.testing.assert_close(p[b], w, **_like_a_loop("bilinear"))
+
+
+def test_vmap_alone_takes_the_batching_kernels(monkeypatch, gen):
+    """Under vmap alone, msfast.* call the operators, whose batching kernels fold the batch (the
+    Python Functions are for grad-like transforms and forward AD): with regular autograd through
+    the vmap, with vmaps nested (the inner one batching other tensors than msfast's input), and
+    a vmap inside grad still takes the Functions."""
+    from msfast import _func
+
+    applied = []
+    for fn in (_func._PyramidFn, _func._ConcatFn):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply, _fn=fn: applied.append(_fn) or _apply(*a))
+    kw = dict(scales=[0.5, 1.5], mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 4.0])
+    x = randn(gen, B, N, 3, 7, 9, dtype=torch.float64).requires_grad_()
+    feats = [randn(gen, B, N, 2, 4, 5, dtype=torch.float64).requires_grad_(),
+             randn(gen, N, 3, 9, 8, dtype=torch.float64)]
+
+    def f(y, f0, f1):
+        levels = msfast.pyramid(y, **kw)
+        return levels[0].sum() * levels[1] + msfast.upsample_concat([f0, f1], (10, 14))[:, :3].mean()
+
+    got = torch.vmap(f, in_dims=(0, 0, None))(x, *feats)
+    assert not applied
+    weights = randn(gen, *got.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((got * weights).sum(), (x, feats[0]))
+
+    def f_ref(y, f0, f1):
+        levels = reference.pyramid(y, **kw)
+        return levels[0].sum() * levels[1] + reference.upsample_concat([f0, f1], (10, 14))[:, :3].mean()
+
+    want = torch.stack([f_ref(x[b], feats[0][b], feats[1]) for b in range(B)])
+    torch.testing.assert_close(got, want, **F64)
+    for g, w in zip(grads, torch.autograd.grad((want * weights).sum(), (x, feats[0]))):
+        torch.testing.assert_close(g, w, **F64)
+
+    # Nested: the outer vmap batches x, the inner one only z.
+    z = randn(gen, 4, N, 3, 10, 13, dtype=torch.float64)
+    nested = torch.vmap(lambda y: torch.vmap(lambda w: msfast.pyramid(y, **kw)[1] * w)(z))(x.detach())
+    for b in range(B):
+        torch.testing.assert_close(nested[b], msfast.pyramid(x[b].detach(), **kw)[1] * z, **F64)
+    assert not applied and not _func.active()
+
+    torch.func.grad(lambda y: torch.vmap(lambda w: msfast.pyramid(w, **kw)[0].sum())(y).sum())(x.detach())
+    assert applied and set(applied) == {_func._PyramidFn}
 
 
 # ---------------------------------------------------------------- transforms against the reference

@@ -211,6 +211,17 @@ inline Layouts resize_layouts(const at::Tensor& batched_or_not, bool normalized)
   return {is_channels_last(like), like.is_contiguous(at::MemoryFormat::ChannelsLast)};
 }
 
+// A stand-in for a tensor of these sizes and strides (an empty meta tensor), which answers
+// every layout query: for functorch's batched tensors under torch.vmap, which answer few
+// (is_contiguous(channels_last) is "NYI"), and for Python. Symbolic sizes are made concrete.
+inline at::Tensor strides_only(c10::SymIntArrayRef sym_sizes, c10::SymIntArrayRef sym_strides) {
+  std::vector<int64_t> sizes, strides;
+  for (const auto& v : sym_sizes) sizes.push_back(v.guard_int(__FILE__, __LINE__));
+  for (const auto& v : sym_strides) strides.push_back(v.guard_int(__FILE__, __LINE__));
+  return at::empty_strided(sizes, strides, at::TensorOptions().dtype(at::kByte).device(at::kMeta));
+}
+inline at::Tensor strides_only(const at::Tensor& t) { return strides_only(t.sym_sizes(), t.sym_strides()); }
+
 inline at::MemoryFormat format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
