@@ -79,10 +79,10 @@ PYBIND11_MODULE(_C, m) {
         return pybind11::make_tuple(l.channels_last, l.nearest_channels_last);
       },
         "(channels_last, nearest_channels_last) of a resize of a tensor of these sizes and strides, normalized "
-        "or not (csrc/msfast/plan.h: resize_layouts), for the Python autograd Functions of msfast/_func.py");
+        "or not (csrc/msfast/plan.h: resize_layouts), for the fake kernels of msfast/_ops.py");
   m.def("fold", &msfast::fold,
         "fold(xb, normalized): xb [B, N, C, H, W] as [B * N, C, H, W] resized as each sample alone, or None "
-        "(csrc/msfast/vmap.h), for the vmap staticmethods of msfast/_func.py");
+        "(csrc/msfast/vmap.h), for the batching kernels of msfast/_func.py");
   m.def("stack_samples", &msfast::stack_samples,
         "Per-sample results stacked along a new first dimension, each keeping its layout (csrc/msfast/vmap.h)");
   m.def("cuda_built", &msfast::cuda_kernels_built, "True when the CUDA kernels were compiled in");

@@ -1,26 +1,21 @@
-// torch.vmap's batching rules for the operators, in C++ (the FuncTorchBatched dispatch key).
-// They were Python (torch.library.register_vmap), whose unwrapping and wrapping cost about
-// 0.5 ms a call on this project's Xeon, ten times a small call's kernel: vmap of a small
-// pyramid was slower than vmap of F.interpolate, whose rules are C++.
-//
-// A rule folds the vmapped dimension into N and makes one call: [B, N, C, H, W] as
-// [B * N, C, H, W], resized as each sample would be alone, with the same layout and nearest
-// formulas (plan.h: resize_layouts), so that vmap gives what a loop over the samples gives.
-// The fold is a view where one keeps them, else a copy made to keep them (`fold`); where
-// neither does (a size-1 dimension's stride can decide a sample's layout, and the folded batch
-// has other sizes), the rule loops over the samples. Every step is an out-of-place ATen op,
-// so a vmap nested in another batches it too. msfast/_func.py's Python autograd Functions
-// (the route under grad-like transforms) fold with the same `fold` and `stack_samples`,
-// through msfast._C. The older vmap (the Batched key) is csrc/legacy_vmap.cpp.
+// The fold of torch.vmap's batching kernels (msfast/_func.py, the FuncTorchBatched key): the
+// vmapped dimension folded into N, [B, N, C, H, W] as [B * N, C, H, W], so that one call
+// resizes every sample as it would be resized alone, with the same layout and nearest formulas
+// (plan.h: resize_layouts), and vmap gives what a loop over the samples gives. The fold is a
+// view where one keeps them, else a copy made to keep them; where neither does (a size-1
+// dimension's stride can decide a sample's layout, and the folded batch has other sizes), the
+// kernels loop over the samples and stack them (`stack_samples`). Every step is an
+// out-of-place ATen op, so a vmap nested in another batches it too. (The kernels themselves
+// are Python: C++ ones would need ATen/functorch's headers, which include nlohmann/json.hpp,
+// which torch's wheels do not ship.) The older vmap (the Batched key) is
+// csrc/legacy_vmap.cpp.
 #include "msfast/vmap.h"
 
 #include <ATen/ATen.h>
 
 #include <optional>
-#include <string>
 #include <vector>
 
-#include "msfast/dispatch.h"
 #include "msfast/plan.h"
 
 namespace msfast {

@@ -4,9 +4,7 @@ The schemas live in csrc/ops.cpp; importing msfast._C registers them with the CP
 CUDA) kernels and their autograd formulas (csrc/autograd.cpp: both operators are linear in
 their tensor inputs, so each backward is another msfast operator and the backward of a
 backward is the forward again). Here they get a fake kernel (shapes for torch.compile and
-meta tensors). Under torch.func's grad-like transforms and forward-mode AD, which refuse a C++
-autograd Function, msfast.* take the Python Functions of msfast/_func.py instead; under vmap
-alone they call the operators, whose batching kernels are in msfast/_func.py too.
+meta tensors). torch.vmap batches them with the kernels of msfast/_func.py.
 """
 
 from __future__ import annotations
@@ -168,13 +166,9 @@ def _direct(t: torch.Tensor) -> bool:
     than through torch.ops, whose argument conversion costs about 5 us a call: for a plain
     tensor (a subclass may override __torch_function__, which only torch.ops honours), with no
     torch_function mode active (it must see the operator), outside torch.compile (Dynamo traces
-    torch.ops, not an extension's functions), and with no torch.func transform or forward-mode
-    AD active (those go through torch.ops or msfast/_func.py's Python Functions, _func.active;
-    the test is inlined: a function call costs a tenth of a microsecond here, and this one
-    needs no look at the transforms' stack). Both routes reach the same dispatcher:
-    autograd, the device kernels and torch_dispatch modes behave the same."""
-    return (type(t) is torch.Tensor and not _tf_mode() and not torch.compiler.is_compiling()
-            and _fwad._current_level < 0 and _peek() is None)
+    torch.ops, not an extension's functions). Both routes reach the same dispatcher: autograd,
+    torch.func's transforms, the device kernels and torch_dispatch modes behave the same."""
+    return type(t) is torch.Tensor and not _tf_mode() and not torch.compiler.is_compiling()
 
 
 def _layout(channels_last: bool):
@@ -223,8 +217,6 @@ def pyramid(
                                  mean=mean, std=std, out_dtype=out_dtype)
     if _direct(x):
         return _C.pyramid(x, a.flat, a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
-    if _func.active():
-        return _func.pyramid(x, a)
     return _OPS.pyramid(x, a.flat, a.scales, a.mode, a.antialias, a.align_corners, a.mean, a.std, a.out_dtype)
 
 
@@ -253,8 +245,6 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
         return reference.upsample_concat(features, size, mode=mode, align_corners=align_corners, out=out)
     direct = all(type(f) is torch.Tensor for f in features) and _direct(features[0])
     if out is None:
-        if not direct and _func.active():
-            return _func.upsample_concat(features, size, mode, align_corners)
         op = _C.upsample_concat if direct else _OPS.upsample_concat
         return op(features, list(size), mode, align_corners)
     if torch.is_grad_enabled() and any(f.requires_grad for f in features):
@@ -262,9 +252,9 @@ def upsample_concat(features, size, *, mode: str = "bilinear", align_corners: bo
             "msfast.upsample_concat(out=...) does not support automatic differentiation: "
             "call it without out= when the features require grad"
         )
-    if not direct and (_fwad._current_level >= 0 or _peek() is not None):
-        # No batching kernel or Function for the out= operator (out may not be batched as the
-        # features are): the call without out=, copied.
+    if _fwad._current_level >= 0 or _peek() is not None:
+        # No batching kernel or forward-mode formula for the out= operator (out may not be
+        # batched as the features are): the call without out=, copied.
         out.copy_(upsample_concat(features, size, mode=mode, align_corners=align_corners))
     elif direct and type(out) is torch.Tensor:
         _C.upsample_concat_out(features, list(size), mode, align_corners, out)
@@ -303,7 +293,7 @@ if _C is not None:
         normalized, came back channels_last from a Python rule and NCHW from the kernel). With
         symbolic sizes (torch.compile, dynamic shapes), the Python rule."""
         if all(type(v) is int for v in (*x.shape, *x.stride())):
-            return _func.resize_layouts(x, normalized)[0]
+            return _C.resize_layouts(list(x.shape), list(x.stride()), normalized)[0]
         return is_channels_last(torch.empty_like(x) if normalized else x)
 
     @torch.library.register_fake("msfast::pyramid")

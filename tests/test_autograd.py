@@ -44,8 +44,9 @@ def _cat(*feats, size=(5, 6), **kw):
 # -------------------------------------------------------------------- gradcheck, float64
 
 # Besides the backward (and the backward of the backward): forward-mode AD, forward over
-# reverse, and the batched checks (the gradients computed under vmap), which msfast.* serve with
-# the Python route of msfast/_func.py and csrc/legacy_vmap.cpp.
+# reverse, and the batched checks (the gradients computed under vmap), which the operators serve
+# with their own nodes (csrc/autograd.cpp), the batching kernels of msfast/_func.py and
+# csrc/legacy_vmap.cpp.
 EVERY_MODE = dict(check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True)
 EVERY_SECOND = dict(check_fwd_over_rev=True, check_batched_grad=True)
 

@@ -7,7 +7,7 @@ Checked here: the two routes give the same bits; tensor subclasses, torch_functi
 torch.compile take torch.ops; torch_dispatch modes, the profiler and torch.jit.trace see the
 operator on either route; no graph without grad, one with it; and the cache of checked pyramid
 arguments (msfast/_args.py) returns only what the checks would. torch.func transforms and
-forward-mode AD, which take a Python route: tests/test_func.py."""
+forward-mode AD: tests/test_func.py."""
 
 from __future__ import annotations
 

@@ -2,9 +2,8 @@
 
 F.interpolate works under vmap, grad, vjp, jvp, jacrev, jacfwd and hessian, and with
 forward-mode AD; so must msfast. Checked here:
-- vmap (of msfast.*, and of the raw operators: both take the operators' batching kernels,
-  while grad-like transforms take the Python Functions' vmap rules) equals a loop over the
-  samples, in values (bitwise for the nearest modes; the others can take another summation
+- vmap (of msfast.* and of the raw operators: the operators' batching kernels) equals a loop
+  over the samples, in values (bitwise for the nearest modes; the others can take another summation
   path for another N, an ulp apart) and in layout, for per-sample layouts that fold into N as
   a view and for those that need a copy (the batch inside, channels_last not dense), in the
   modes whose formulas depend on the layout (nearest with h + w > 128 and more than 3
@@ -13,10 +12,11 @@ forward-mode AD; so must msfast. Checked here:
 - gradcheck with forward-mode AD and its batched checks, gradgradcheck forward-over-reverse;
 - the older vmap (torch._vmap_internals) of autograd.grad(is_grads_batched=True) and of
   torch.autograd.functional's vectorized jacobian and hessian;
-- the gradients of torch.func.grad equal, bit for bit, those of loss.backward() (the C++
-  autograd); outside a transform calls keep the C++ route;
+- the gradients of torch.func.grad (the operators' own nodes) equal, bit for bit, those of
+  loss.backward() (their C++ Function); each route records the node it should; the raw
+  operators under transforms and with dual tensors;
 - per-sample gradients of MultiScaleResNet (vmap of grad of functional_call), msfast against
-  the torch backend; torch.compile of vmap and of grad.
+  the torch backend; torch.compile of vmap, of grad and of vmap of grad, each whole.
 """
 
 from __future__ import annotations
@@ -170,16 +170,14 @@ def test_vmap_of_the_raw_operators(device, gen):
             torch.testing.assert_close(p[b], w, **_like_a_loop("bilinear"))
 
 
-def test_vmap_alone_takes_the_batching_kernels(monkeypatch, gen):
-    """Under vmap alone, msfast.* call the operators, whose batching kernels fold the batch (the
-    Python Functions are for grad-like transforms and forward AD): with regular autograd through
-    the vmap, with vmaps nested (the inner one batching other tensors than msfast's input), and
-    a vmap inside grad still takes the Functions."""
+def test_vmap_with_regular_autograd_and_nested_vmaps(monkeypatch, gen):
+    """vmap folds the batch in the operators' batching kernels: with regular autograd through
+    the vmap (the C++ autograd of the folded call), with vmaps nested (the inner one batching
+    other tensors than msfast's input), and inside grad."""
     from msfast import _func
 
-    applied = []
-    for fn in (_func._PyramidFn, _func._ConcatFn):
-        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply, _fn=fn: applied.append(_fn) or _apply(*a))
+    folds = []
+    monkeypatch.setattr(_func, "_batched_pyramid", lambda *a, _f=_func._batched_pyramid: folds.append(1) or _f(*a))
     kw = dict(scales=[0.5, 1.5], mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 4.0])
     x = randn(gen, B, N, 3, 7, 9, dtype=torch.float64).requires_grad_()
     feats = [randn(gen, B, N, 2, 4, 5, dtype=torch.float64).requires_grad_(),
@@ -190,7 +188,7 @@ def test_vmap_alone_takes_the_batching_kernels(monkeypatch, gen):
         return levels[0].sum() * levels[1] + msfast.upsample_concat([f0, f1], (10, 14))[:, :3].mean()
 
     got = torch.vmap(f, in_dims=(0, 0, None))(x, *feats)
-    assert not applied
+    assert len(folds) == 1
     weights = randn(gen, *got.shape, dtype=torch.float64)
     grads = torch.autograd.grad((got * weights).sum(), (x, feats[0]))
 
@@ -208,10 +206,12 @@ def test_vmap_alone_takes_the_batching_kernels(monkeypatch, gen):
     nested = torch.vmap(lambda y: torch.vmap(lambda w: msfast.pyramid(y, **kw)[1] * w)(z))(x.detach())
     for b in range(B):
         torch.testing.assert_close(nested[b], msfast.pyramid(x[b].detach(), **kw)[1] * z, **F64)
-    assert not applied and not _func.active()
 
-    torch.func.grad(lambda y: torch.vmap(lambda w: msfast.pyramid(w, **kw)[0].sum())(y).sum())(x.detach())
-    assert applied and set(applied) == {_func._PyramidFn}
+    folds.clear()
+    got = torch.func.grad(lambda y: torch.vmap(lambda w: msfast.pyramid(w, **kw)[0].sum())(y).sum())(x.detach())
+    want = torch.func.grad(lambda y: torch.vmap(lambda w: reference.pyramid(w, **kw)[0].sum())(y).sum())(x.detach())
+    assert folds
+    torch.testing.assert_close(got, want, **F64)
 
 
 # ---------------------------------------------------------------- transforms against the reference
@@ -308,17 +308,50 @@ def test_forward_ad_matches_reference(grad_mode, device, gen):
         torch.testing.assert_close(fwAD.unpack_dual(got).tangent, fwAD.unpack_dual(want).tangent, **F64)
 
 
-@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
-def test_raw_operators_reject_forward_ad(grad_mode, gen):
-    """torch.ops.msfast.* have C++ autograd only: a dual input raises rather than losing its
-    tangent (msfast.* take the Python route, above)."""
-    x, t = randn(gen, 1, 3, 8, 8), randn(gen, 1, 3, 8, 8)
-    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
-        dual = fwAD.make_dual(x, t)
-        with pytest.raises(RuntimeError, match="jvp"):
-            OPS.pyramid(dual, [4, 4], [0.5], "bilinear", True, False, None, None, None)
-        with pytest.raises(RuntimeError, match="jvp"):
-            OPS.upsample_concat([x, dual], [4, 4], "bilinear", False)
+def test_raw_operators_under_transforms(gen):
+    """torch.ops.msfast.* themselves work under grad-like transforms and with dual tensors, the
+    backward operators included: their autograd (csrc/autograd.cpp) is what msfast.* run."""
+    x = randn(gen, 2, 3, 8, 9, dtype=torch.float64)
+    feat = randn(gen, 2, 2, 5, 4, dtype=torch.float64)
+    args = ([4, 4, 12, 13], [0.5, 1.5], "bicubic", True, False, [0.1, 0.2, 0.3], [0.5, 2.0, 4.0], None)
+    kw = dict(scales=[0.5, 1.5], mode="bicubic", align_corners=False, mean=[0.1, 0.2, 0.3], std=[0.5, 2.0, 4.0])
+
+    def raw(y, f):
+        levels = OPS.pyramid(y, *args)
+        return (levels[0].sum(0) * levels[1][:, :, :4, :4]).sum() + OPS.upsample_concat([f, y], [7, 7], "bilinear",
+                                                                                          False).square().sum()
+
+    def ref(y, f):
+        levels = reference.pyramid(y, **kw)
+        return (levels[0].sum(0) * levels[1][:, :, :4, :4]).sum() + reference.upsample_concat([f, y], (7, 7)
+                                                                                              ).square().sum()
+
+    for transform in (torch.func.grad, torch.func.hessian):
+        got = transform(raw, argnums=(0, 1))(x, feat)
+        want = transform(ref, argnums=(0, 1))(x, feat)
+        torch.testing.assert_close(got, want, **F64)
+    t = randn(gen, *x.shape, dtype=torch.float64)
+    for grad_mode in (True, False):
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+            got = [fwAD.unpack_dual(v).tangent for v in OPS.pyramid(fwAD.make_dual(x, t), *args)]
+            want = [fwAD.unpack_dual(v).tangent for v in reference.pyramid(fwAD.make_dual(x, t), **kw)]
+        torch.testing.assert_close(got, want, **F64)
+
+
+def test_nodes_of_each_route(gen):
+    """Plain autograd records the operators' C++ Function (which compiled autograd traces); with
+    forward-mode tangents, and under torch.func's transforms (which refuse a C++ Function), the
+    operators record nodes of their own, with the same formulas."""
+    x = randn(gen, 1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    plain = msfast.pyramid(x, scales=[0.5])[0]
+    assert plain.grad_fn.name() != "msfast::PyramidBackward"
+    with fwAD.dual_level():
+        dual = msfast.pyramid(fwAD.make_dual(x, torch.ones_like(x)), scales=[0.5])[0]
+        assert dual.grad_fn.name() == "msfast::PyramidBackward"
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, msfast.pyramid(torch.ones_like(x), scales=[0.5])[0])
+    (g_plain,) = torch.autograd.grad(plain.sum(), x)
+    (g_dual,) = torch.autograd.grad(dual.sum(), x)
+    torch.testing.assert_close(g_dual, g_plain, rtol=0, atol=0)
 
 
 def test_gradcheck_in_every_mode(gen):
@@ -384,8 +417,8 @@ def test_older_vmap_batched_gradients_and_jacobians(device, gen):
 
 
 def test_func_grad_equals_cpp_autograd_bitwise(gen):
-    """torch.func.grad takes the Python Functions, loss.backward() the C++ autograd: the same
-    operators, the same bits. And outside a transform, calls keep the C++ route."""
+    """torch.func.grad records the operators' own nodes, loss.backward() their C++ Function
+    (test_nodes_of_each_route): the same formulas, the same bits."""
     x = randn(gen, 2, 4, 30, 20, channels_last=True)
     feats = [randn(gen, 2, 3, 8, 5), randn(gen, 2, 2, 40, 41)]
 
@@ -401,9 +434,6 @@ def test_func_grad_equals_cpp_autograd_bitwise(gen):
     out.backward()
     for g, leaf in zip(got, leaves):
         torch.testing.assert_close(g, leaf.grad, rtol=0, atol=0)
-    with torch.no_grad(), fwAD.dual_level():  # inside a transform, the Python Functions
-        dual = fwAD.make_dual(x, torch.ones_like(x))
-        assert fwAD.unpack_dual(msfast.pyramid(dual, scales=[0.5])[0]).tangent is not None
 
 
 def test_upsample_concat_out_under_vmap(gen):
@@ -452,10 +482,10 @@ def test_compile_of_transforms(gen):
         warnings.simplefilter("ignore")
         batch = x[None].expand(3, -1, -1, -1, -1)
         batched = torch.compile(torch.vmap(level), backend="aot_eager", fullgraph=True)(batch)
-        # Dynamo traces grad with the operator's C++ autograd, which functorch refuses: a graph
-        # break, after which the call runs eagerly on the Python route.
-        grad = torch.compile(torch.func.grad(loss), backend="aot_eager")(x)
+        grad = torch.compile(torch.func.grad(loss), backend="aot_eager", fullgraph=True)(x)
+        per_sample = torch.compile(torch.vmap(torch.func.grad(loss)), backend="aot_eager", fullgraph=True)(batch)
     torch.testing.assert_close(batched, torch.vmap(level)(batch), rtol=0, atol=0)
     torch.testing.assert_close(grad, torch.func.grad(loss)(x), rtol=0, atol=0)
+    torch.testing.assert_close(per_sample, torch.vmap(torch.func.grad(loss))(batch), rtol=0, atol=0)
     torch.testing.assert_close(grad, torch.func.grad(lambda y: (reference.pyramid(
         y, scales=[0.5], mean=[0.1, 0.2, 0.3])[0] ** 2).sum())(x), **F64)

@@ -1,5 +1,4 @@
-// The fold of torch.vmap's batching rules (csrc/vmap.cpp), which msfast._C also gives the
-// Python autograd Functions of msfast/_func.py (their vmap staticmethods fold the same way).
+// The fold of torch.vmap's batching kernels (msfast/_func.py, through msfast._C; csrc/vmap.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
