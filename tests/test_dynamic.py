@@ -2,7 +2,8 @@
 size (no recompile per size), and torch.export captures a module using both as msfast operators
 that run, and survive a save / load round trip, at sizes other than the traced one.
 
-CUDA graph capture and replay is in test_cuda.py::test_graph_capture_and_replay.
+Compiled autograd traces the operators' backward. CUDA graph capture and replay is in
+test_cuda.py::test_graph_capture_and_replay.
 """
 
 from __future__ import annotations
@@ -82,3 +83,18 @@ def test_export_runs_at_other_sizes(device, gen):
         want = _expected(x, feat)
         for prog in (ep, loaded):
             torch.testing.assert_close(prog.module()(x, feat), want, **tol(torch.float32, upscale=True))
+
+
+def test_compiled_autograd_traces_the_backward(gen):
+    """Compiled autograd (torch._dynamo.compiled_autograd) traces the backward of both operators
+    (their C++ torch::autograd::Function, csrc/autograd.cpp) and gives the eager gradients."""
+    from torch._dynamo import compiled_autograd
+
+    x = randn(gen, 2, 3, 16, 20, dtype=torch.float64).requires_grad_()
+    feat = randn(gen, 2, 6, 9, 7, dtype=torch.float64).requires_grad_()
+    want = torch.autograd.grad(Net()(x, feat).square().sum(), (x, feat))
+    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        Net()(x, feat).square().sum().backward()
+    torch.testing.assert_close((x.grad, feat.grad), want, rtol=0, atol=0)
+    torch.testing.assert_close(want[0], torch.autograd.grad(_expected(x, feat).square().sum(), x)[0],
+                               rtol=1e-10, atol=1e-10)
