@@ -3,7 +3,7 @@
 // hessian with vectorize=True, and gradcheck's batched checks run the backward under. ATen's
 // fallback for an operator without a batching rule there loops over the batch, but not for an
 // operator that takes or returns a list of tensors, as all four of msfast's do: this is that
-// loop for them (torch.vmap, the newer one, has the vmap rules of msfast/_func.py).
+// loop for them (torch.vmap, the newer one, has the batching kernels of msfast/_func.py).
 //
 // One call per sample, each sample's arguments sliced from the batched ones, so each sample is
 // resized exactly as it would be alone (its layout and nearest formulas); the results are

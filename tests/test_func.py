@@ -136,7 +136,7 @@ def test_vmap_upsample_concat_equals_a_loop(layout, mode, device, gen):
 
 
 def test_vmap_of_the_raw_operators(device, gen):
-    """The vmap rules serve torch.ops.msfast.* directly, the backward operators included: an
+    """The batching kernels serve torch.ops.msfast.* directly, the backward operators included: an
     unbatched gradient is the same for every sample, a missing one (None) stays missing."""
     x, _ = _physical(gen, "channels_last", 3, 10, 12, device)
     flat, scales = [5, 6, 20, 24], [0.5, 2.0]
