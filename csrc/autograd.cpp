@@ -266,8 +266,9 @@ struct UpsampleConcatBackward {
 
 // Plain autograd's node: Op's formulas as a torch::autograd::Function. (Self names the node:
 // PyramidFn, say, rather than a template's name.)
-template <typename Self, typename Op>
+template <typename Self, typename OpT>
 struct Fn : torch::autograd::Function<Self> {
+  using Op = OpT;
   template <typename... Args>
   static variable_list forward(AutogradContext* ctx, Args&&... args) {
     ctx->set_materialize_grads(false);
@@ -312,18 +313,18 @@ bool transforming() {
   return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
-// An autograd kernel's work on its tensor inputs `inputs`, where some input requires grad or
-// carries a forward-mode tangent (`tangent`): Op through its Function, or through a
-// TransformNode under a transform or with tangents. `forward(saved)` runs Op::forward with the
-// call's arguments.
-template <typename Op, typename Forward, typename CallFn>
-variable_list record(const variable_list& inputs, bool tangent, Forward&& forward, CallFn&& call_fn) {
-  if (!tangent && !transforming()) return call_fn();
+// An autograd kernel's call on `args` (its tensor inputs: `inputs`) where an input requires
+// grad or carries a forward-mode tangent (`tangent`): F, Op's Function, or under a transform or
+// with a tangent a TransformNode around Op::forward, with Op's tangents set on the outputs.
+template <typename F, typename... Args>
+variable_list record(const variable_list& inputs, bool tangent, Args&&... args) {
+  using Op = typename F::Op;
+  if (!tangent && !transforming()) return F::apply(args...);
   const NodePtr node = make_node<TransformNode>();
   auto* n = static_cast<TransformNode*>(node.get());
   n->backward = &Op::backward;
   n->op_name = Op::name;
-  variable_list outs = forward(n->saved);
+  variable_list outs = Op::forward(n->saved, args...);
   if (torch::autograd::compute_requires_grad(inputs)) {
     node->set_next_edges(torch::autograd::collect_next_edges(inputs));
     torch::autograd::set_history(outs, node);
@@ -362,10 +363,8 @@ std::vector<at::Tensor> pyramid_autograd(const at::Tensor& x, c10::SymIntArrayRe
     at::AutoDispatchBelowADInplaceOrView guard;
     return pyramid_op().call(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype);
   }
-  return record<Pyramid>(
-      {x}, needs.tangent,
-      [&](Saved& d) { return Pyramid::forward(d, x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype); },
-      [&] { return PyramidFn::apply(x, sizes, scales, mode, antialias, align_corners, mean, std, out_dtype); });
+  return record<PyramidFn>({x}, needs.tangent, x, sizes, scales, mode, antialias, align_corners, mean, std,
+                           out_dtype);
 }
 
 at::Tensor pyramid_backward_autograd(const c10::List<std::optional<at::Tensor>>& grads,
@@ -388,16 +387,8 @@ at::Tensor pyramid_backward_autograd(const c10::List<std::optional<at::Tensor>>&
                                       channels_last, nearest_channels_last);
   }
   const auto n = static_cast<int64_t>(grads.size());
-  return record<PyramidBackward>(
-      g, needs.tangent,
-      [&](Saved& d) {
-        return PyramidBackward::forward(d, g, live, n, input_shape, scales, mode, antialias, align_corners, std,
-                                        dtype, channels_last, nearest_channels_last);
-      },
-      [&] {
-        return PyramidBackwardFn::apply(at::TensorList(g), live, n, input_shape, scales, mode, antialias,
-                                          align_corners, std, dtype, channels_last, nearest_channels_last);
-      })[0];
+  return record<PyramidBackwardFn>(g, needs.tangent, at::TensorList(g), live, n, input_shape, scales, mode,
+                                   antialias, align_corners, std, dtype, channels_last, nearest_channels_last)[0];
 }
 
 at::Tensor upsample_concat_autograd(at::TensorList features, c10::SymIntArrayRef size, std::string mode,
@@ -407,10 +398,7 @@ at::Tensor upsample_concat_autograd(at::TensorList features, c10::SymIntArrayRef
     at::AutoDispatchBelowADInplaceOrView guard;
     return upsample_concat_op().call(features, size, mode, align_corners);
   }
-  return record<UpsampleConcat>(
-      features.vec(), needs.tangent,
-      [&](Saved& d) { return UpsampleConcat::forward(d, features, size, mode, align_corners); },
-      [&] { return UpsampleConcatFn::apply(features, size, mode, align_corners); })[0];
+  return record<UpsampleConcatFn>(features.vec(), needs.tangent, features, size, mode, align_corners)[0];
 }
 
 std::vector<at::Tensor> upsample_concat_backward_autograd(const at::Tensor& grad, c10::SymIntArrayRef feature_shapes,
@@ -423,16 +411,8 @@ std::vector<at::Tensor> upsample_concat_backward_autograd(const at::Tensor& grad
     return upsample_concat_backward_op().call(grad, feature_shapes, mode, align_corners, channels_last,
                                               nearest_channels_last);
   }
-  return record<UpsampleConcatBackward>(
-      {grad}, needs.tangent,
-      [&](Saved& d) {
-        return UpsampleConcatBackward::forward(d, grad, feature_shapes, mode, align_corners, channels_last,
-                                               nearest_channels_last);
-      },
-      [&] {
-        return UpsampleConcatBackwardFn::apply(grad, feature_shapes, mode, align_corners, channels_last,
-                                                 nearest_channels_last);
-      });
+  return record<UpsampleConcatBackwardFn>({grad}, needs.tangent, grad, feature_shapes, mode, align_corners,
+                                          channels_last, nearest_channels_last);
 }
 
 }  // namespace
