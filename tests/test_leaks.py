@@ -1,5 +1,6 @@
 """No memory growth over 1,000 repeated forward + backward calls of both operators (process RSS on
-the CPU, allocated bytes on CUDA), nor over 1,000 calls that fail after allocating an output.
+the CPU, allocated bytes on CUDA), plain and under torch.func (vmap of grad, forward-mode AD),
+nor over 1,000 calls that fail after allocating an output.
 
 Measured in a fresh subprocess, so that other tests' allocations cannot blur the numbers; msfast's
 CPU output cache (idle blocks kept for reuse) is emptied and glibc's free memory trimmed before
@@ -15,6 +16,7 @@ from conftest import run_python
 _SCRIPT = """
 import ctypes, gc, json, sys
 import torch
+import torch.autograd.forward_ad as fwad
 import msfast
 
 device = sys.argv[1]
@@ -46,6 +48,11 @@ def step():
         pass
     for t in (x, *feats):
         t.grad = None
+    # torch.func's route: the operators' own autograd nodes and the batching kernels.
+    xd = x.detach()
+    torch.func.vmap(torch.func.grad(lambda y: msfast.pyramid(y[None], [0.5])[0].square().sum()))(xd)
+    with fwad.dual_level():
+        msfast.pyramid(fwad.make_dual(xd, xd), [0.5, 0.25])
 
 try:  # glibc keeps freed memory in its arenas; malloc_trim returns it, so RSS shows live memory
     trim = ctypes.CDLL("libc.so.6").malloc_trim
